@@ -1,0 +1,1853 @@
+"""
+ppo.py: PPO for RLHF of Hugging Face causal language models, in one file.
+
+    pip install -r requirements.txt
+    python ppo.py                                 # train the shipped tiny default (CPU, minutes)
+    python ppo.py --BATCH_SIZE=2 --USE_WANDB=true # override any constant of section 2
+    python ppo.py my_run.json                     # or a JSON / YAML file of overrides
+    python ppo.py --plot outputs/ppo_v1           # redraw the charts of a run
+    python -m pytest -q tests                     # the test suite
+
+Deliberate choices, where references differ:
+1. Rollouts sample the full distribution (top_k=0, top_p=1, no repetition penalty, whatever the
+   model's generation_config says), and every logprob is recomputed from logits / TEMPERATURE:
+   filtered sampling is off-policy and makes the KL estimate negative.
+2. The score is added at the last real response token (the EOS when there is one), not at the
+   first padding position after it.
+3. Masks come from the position of the first stop token, never from `token != pad_id`.
+4. Losses are token-level means over the whole optimizer minibatch: BATCH_SIZE=1 with
+   GRADIENT_ACCUMULATION_STEPS=8 gives the gradient of BATCH_SIZE=8 with 1.
+5. A response with no EOS keeps its score minus MISSING_EOS_PENALTY (lm-human-preferences
+   replaces it with a constant instead).
+6. Policy and critic are separate models updated by one AdamW with one parameter group each (two
+   learning rates, each model's gradient norm clipped on its own): the same arithmetic as two
+   optimizers, one object for accelerate / DeepSpeed to prepare. Under Adam a constant factor on
+   a loss barely changes the update, so VALUE_LOSS_COEF matters through clipping and the
+   logged total loss; to make the critic learn faster raise CRITIC_LEARNING_RATE.
+7. The reward model reads decoded text (prompt + response, or its own chat template) with its
+   own tokenizer, so policy and reward model need not share a vocabulary.
+
+References: PPO (Schulman et al. 2017, arXiv 1707.06347); Ziegler et al. 2019 (arXiv 1909.08593,
+openai/lm-human-preferences); "The N Implementation Details of RLHF with PPO" (Huang et al.,
+arXiv 2403.17031); TRL's last PPO trainer (trl 1.12, trl/experimental/ppo); CleanRL ppo.py.
+"""
+
+# ---------------------------------------------------------------------------------------------
+# 1. Imports
+# ---------------------------------------------------------------------------------------------
+import contextlib
+import copy
+import dataclasses
+import difflib
+import inspect
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("ppo")
+
+# ---------------------------------------------------------------------------------------------
+# 2. Configuration: edit here, or override with `python ppo.py [run.json|run.yaml] [--NAME=value]`
+# ---------------------------------------------------------------------------------------------
+# Models: a hub id or a local path (a relative path is looked up in the working directory, then
+# next to this file).
+ACTOR_MODEL = "data/tiny-policy"    # policy pi_theta (AutoModelForCausalLM); also the frozen reference pi_ref
+CRITIC_MODEL = "data/tiny-reward"   # critic V_phi: a causal LM or a reward model (its score head starts the value head)
+REWARD_MODEL = "data/tiny-reward"   # AutoModelForSequenceClassification with num_labels=1, read with its own tokenizer
+TRUST_REMOTE_CODE = False           # run Python code shipped inside model repos; only for repos you trust
+USE_CHAT_TEMPLATE = True            # wrap prompts in the policy tokenizer's chat template when it has one
+
+# Data: lists of {"path", "type": "jsonl" | "parquet", "input": prompt column, "output": reference column (optional)}
+TRAIN_DATASETS = [{"path": "data/arithmetic_train.jsonl", "type": "jsonl", "input": "problem", "output": "solution"}]
+EVAL_DATASETS = [{"path": "data/arithmetic_eval.parquet", "type": "parquet", "input": "question", "output": "answer"}]
+MAX_TRAIN_SAMPLES = 0               # keep the first N training prompts (0 = all); the guide's debug scenario
+MAX_EVAL_SAMPLES = 0                # keep the first N evaluation prompts (0 = all)
+MAX_PROMPT_LENGTH = 512             # prompt tokens; a longer prompt keeps its last MAX_PROMPT_LENGTH tokens
+MAX_NEW_TOKENS = 128                # response tokens per generation (generate_response's max_new_tokens)
+OUTPUT_DIR = "outputs/ppo_v1"       # logs, metrics, checkpoints and charts of the run
+
+# Batches, per process. One PPO step = one rollout of
+# BATCH_SIZE * GRADIENT_ACCUMULATION_STEPS * NUM_MINI_BATCHES prompts, GROUP_SIZE responses each.
+BATCH_SIZE = 16                     # prompts per micro-batch (BATCH_SIZE * GROUP_SIZE sequences in memory at once)
+GRADIENT_ACCUMULATION_STEPS = 1     # micro-batches per optimizer step: effective batch = BATCH_SIZE * this
+NUM_MINI_BATCHES = 1                # optimizer steps per PPO epoch over one rollout
+GROUP_SIZE = 2                      # responses sampled per prompt
+NUM_EPOCHES = 1                     # passes over the training prompts
+GROUP_EPOCHES = 4                   # PPO epochs: passes over each rollout (K in the PPO paper)
+MAX_STEPS = 0                       # stop after this many PPO steps (0 = no limit)
+SEED = 42                           # data order, sampling, initialisation
+
+# Optimisation
+LEARNING_RATE = 1e-4                # policy lr for the tiny default; 0.5B-7B models: 1e-6 to 5e-6 (guide: 1e-6)
+CRITIC_LEARNING_RATE = 1e-4         # critic lr; 0.5B-7B models: 5e-6 to 1e-5
+WEIGHT_DECAY = 0.0                  # AdamW decoupled weight decay, both models
+MAX_GRAD_NORM = 1.0                 # clip the gradient norm of each model at this (guide: 0.5 when unstable)
+USE_LR_SCHEDULER = False            # off: constant learning rates
+LR_SCHEDULER_TYPE = "cosine"        # "cosine" | "linear" | "constant" (after warmup) | "plateau" (on EARLY_STOPPING_METRIC)
+WARMUP_STEPS = 0                    # optimizer steps of linear warmup (with USE_LR_SCHEDULER)
+PLATEAU_FACTOR = 0.5                # "plateau": multiply the learning rates by this ...
+PLATEAU_PATIENCE = 2                # ... after this many evaluations without improvement
+
+# PPO
+TEMPERATURE = 1.0                   # T: sampling temperature; every logprob uses logits / T
+CLIP_RANGE = 0.2                    # epsilon: the ratio pi/pi_old is clipped to [1 - eps, 1 + eps]
+CLIP_RANGE_VALUE = 0.2              # epsilon_v: V is clipped to V_old +- epsilon_v (reward units)
+VALUE_LOSS_COEF = 0.5               # c1: loss += c1 * value loss (see deviation 6)
+ENTROPY_COEF = 0.01                 # c2: loss -= c2 * mean token entropy (0 for most large models)
+KL_COEF = 0.05                      # beta: r_t = -beta * KL_t (the start value when ADAPTIVE_KL)
+KL_ESTIMATOR = "k1"                 # "k1": logp - logp_ref (unbiased); "k3": exp(-d) - 1 + d, d = logp - logp_ref (>= 0)
+ADAPTIVE_KL = False                 # Ziegler et al.'s controller: move beta toward ADAPTIVE_KL_TARGET
+ADAPTIVE_KL_TARGET = 6.0            # target KL per response, nats
+ADAPTIVE_KL_HORIZON = 10000         # responses over which beta may change by ~20%
+GAMMA = 1.0                         # discount over response tokens
+LAM = 0.95                          # GAE lambda
+MISSING_EOS_PENALTY = 1.0           # subtracted from the score of a response that never emits EOS (0 = off)
+REWARD_NORMALIZATION = False        # scale scores by a running mean / std (kept in checkpoints)
+REWARD_CLIP = 0.0                   # clip (normalised) scores to +- this (0 = off)
+REFERENCE_REWARD = 0.0              # + this to the score when a response matches the dataset's output (0 = off)
+ANSWER_MATCH = "last_number"        # accuracy / reference-reward rule: "last_number" (math) | "exact" | "contains"
+STOP_TOKENS = []                    # token strings that end a response besides EOS, e.g. ["<|im_end|>"]
+TARGET_KL = 0.0                     # stop a rollout's remaining PPO epochs once approx KL(old, new) passes this (0 = off)
+MAX_CONSECUTIVE_SKIPS = 5           # steps in a row skipped for a NaN / inf before the run stops
+
+# Evaluation, checkpoints, early stopping
+EVAL_EVERY_N_STEPS = 10             # evaluate on EVAL_DATASETS every N PPO steps (0 = only at start and end)
+EVAL_GREEDY = True                  # greedy evaluation; False samples at TEMPERATURE
+NUM_SAMPLES_TO_LOG = 3              # prompt / response / reward examples logged per evaluation
+SAVE_EVERY_N_STEPS = 50             # write OUTPUT_DIR/checkpoints/step_N every N PPO steps, and at the end
+SAVE_TOTAL_LIMIT = 0                # keep the newest N checkpoints, plus the best one (0 = keep all)
+RESUME = "ask"                      # "ask" | "yes" (latest) | "no" | a checkpoint path; "ask" with no terminal = "yes"
+EARLY_STOPPING_PATIENCE = 0         # stop after N evaluations without improvement (0 = off)
+EARLY_STOPPING_METRIC = "eval/reward"  # higher is better; e.g. "eval/accuracy"
+EARLY_STOPPING_MIN_DELTA = 0.0      # smallest change that counts as an improvement
+
+# Logging
+USE_WANDB = False                   # also log to Weights & Biases (WANDB_MODE=offline works without an account)
+WANDB_PROJECT = "ppo-v1"
+WANDB_ENTITY = None                 # team or user; None = your default
+WANDB_RUN_NAME = None               # None = the name of OUTPUT_DIR
+
+# Hardware
+DEVICE = "auto"                     # "auto": this process's GPU when there is one, else CPU | "cpu"
+MIXED_PRECISION = "auto"            # "auto": bf16 on GPUs that support it, else none | "bf16" | "fp16" | "no"
+
+CONFIG_KEYS = tuple(name for name in list(globals()) if name.isupper())
+
+# ---------------------------------------------------------------------------------------------
+# 3. Configuration loading: constants < JSON/YAML file < --NAME=value flags < PPOTrainer(**kwargs)
+# ---------------------------------------------------------------------------------------------
+CHOICES = {
+    "LR_SCHEDULER_TYPE": ("cosine", "linear", "constant", "plateau"),
+    "KL_ESTIMATOR": ("k1", "k3"),
+    "ANSWER_MATCH": ("last_number", "exact", "contains"),
+    "DEVICE": ("auto", "cpu"),
+    "MIXED_PRECISION": ("auto", "bf16", "fp16", "no"),
+}
+MODEL_KEYS = ("ACTOR_MODEL", "CRITIC_MODEL", "REWARD_MODEL")
+
+
+class ConfigError(Exception):
+    """A mistake in the user's settings or files: printed as one message, no traceback, exit 2."""
+
+
+class Config(dict):
+    """The resolved settings: a dict of the UPPER_CASE names, also readable as attributes."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def default_config() -> Config:
+    """The constants of section 2 as they are now (a test or an edited file may have changed them)."""
+    return Config({name: copy.deepcopy(globals()[name]) for name in CONFIG_KEYS})
+
+
+def unknown_name_error(name: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(name.upper(), CONFIG_KEYS, n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]}?" if close else " The settings are the UPPER_CASE constants of ppo.py."
+    return ConfigError(f"Unknown setting {name!r} in {where}.{hint}")
+
+
+def coerce_setting(name: str, value, where: str):
+    """Check `value` against the type of the constant; an int may stand for a float."""
+    default = globals()[name]
+    if value is None or default is None:
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, type(default)) and (isinstance(value, bool) == isinstance(default, bool)):
+        return value
+    raise ConfigError(f"{name} in {where} must be a {type(default).__name__} like {default!r}, "
+                      f"got {value!r} ({type(value).__name__}).")
+
+
+def parse_flag_value(text: str):
+    """`--NAME=value`: JSON (numbers, true/false/null, lists, objects), Python's True/False/None, else a string."""
+    literal = {"True": True, "False": False, "None": None}
+    if text in literal:
+        return literal[text]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def read_config_file(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"Config file {path} does not exist.")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}, line {e.lineno}, column {e.colno}: invalid JSON ({e.msg}).") from None
+    except Exception as e:  # yaml.YAMLError carries its own line and column in the message
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold one object of NAME: value pairs.")
+    return data
+
+
+def make_config(overrides: Optional[dict] = None, where: str = "PPOTrainer(...)", base=None) -> Config:
+    cfg = default_config() if base is None else Config(base)
+    for name, value in (overrides or {}).items():
+        if name not in CONFIG_KEYS:
+            raise unknown_name_error(name, where)
+        cfg[name] = coerce_setting(name, value, where)
+    return cfg
+
+
+def parse_args(argv: Sequence[str]) -> Config:
+    """Turn `[run.json|run.yaml] [--NAME=value ...]` into settings; flags win over the file."""
+    cfg = default_config()
+    for arg in argv:
+        if arg.startswith("--"):
+            name, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"Flag {arg!r} needs a value: --{name}=VALUE.")
+            cfg = make_config({name: parse_flag_value(text)}, f"flag {arg}", cfg)
+        else:
+            cfg = make_config(read_config_file(arg), arg, cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    """Check ranges and consistency once, before any model is loaded."""
+    problems = []
+    for name, choices in CHOICES.items():
+        if cfg[name] not in choices:
+            problems.append(f"{name} = {cfg[name]!r} must be one of {', '.join(map(repr, choices))}.")
+    positive = ("BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "NUM_MINI_BATCHES", "GROUP_SIZE", "NUM_EPOCHES",
+                "GROUP_EPOCHES", "MAX_NEW_TOKENS", "MAX_PROMPT_LENGTH", "LEARNING_RATE", "CRITIC_LEARNING_RATE",
+                "TEMPERATURE", "CLIP_RANGE", "CLIP_RANGE_VALUE", "MAX_GRAD_NORM", "MAX_CONSECUTIVE_SKIPS")
+    problems += [f"{n} = {cfg[n]!r} must be > 0." for n in positive if not cfg[n] > 0]
+    non_negative = ("MAX_STEPS", "MAX_TRAIN_SAMPLES", "MAX_EVAL_SAMPLES", "WEIGHT_DECAY", "WARMUP_STEPS",
+                    "VALUE_LOSS_COEF", "ENTROPY_COEF", "KL_COEF", "MISSING_EOS_PENALTY", "REWARD_CLIP",
+                    "TARGET_KL", "EVAL_EVERY_N_STEPS", "SAVE_EVERY_N_STEPS", "SAVE_TOTAL_LIMIT",
+                    "EARLY_STOPPING_PATIENCE", "NUM_SAMPLES_TO_LOG", "ADAPTIVE_KL_HORIZON")
+    problems += [f"{n} = {cfg[n]!r} must be >= 0." for n in non_negative if not cfg[n] >= 0]
+    problems += [f"{n} = {cfg[n]!r} must be in [0, 1]." for n in ("GAMMA", "LAM") if not 0 <= cfg[n] <= 1]
+    if not 0 < cfg.PLATEAU_FACTOR < 1:
+        problems.append(f"PLATEAU_FACTOR = {cfg.PLATEAU_FACTOR!r} must be in (0, 1).")
+    for name in ("TRAIN_DATASETS", "EVAL_DATASETS"):
+        if not isinstance(cfg[name], list) or not all(isinstance(s, dict) for s in cfg[name]):
+            problems.append(f'{name} must be a list of {{"path", "type", "input", "output"}} objects.')
+    if not cfg.TRAIN_DATASETS:
+        problems.append("TRAIN_DATASETS is empty: give at least one dataset of prompts.")
+    if not isinstance(cfg.STOP_TOKENS, list) or not all(isinstance(t, str) for t in cfg.STOP_TOKENS):
+        problems.append('STOP_TOKENS must be a list of token strings, e.g. ["<|im_end|>"].')
+    if problems:
+        raise ConfigError("Invalid settings:\n  " + "\n  ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. PPO math: pure functions, tensors in and out. Shapes: B sequences, T response tokens, V vocab.
+# ---------------------------------------------------------------------------------------------
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Sum of x where mask is True; `where`, not `x * mask`, so a NaN in padding cannot leak in."""
+    kept = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return kept.sum() if dim is None else kept.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the valid entries; Bessel-corrected like TRL's masked_var."""
+    centred = x - masked_mean(x, mask)
+    count = mask.sum()
+    return masked_sum(centred * centred, mask) / (count - int(unbiased)).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, mean=None, var=None, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over valid entries (mean / var may come from all processes); padding -> 0.
+
+    https://github.com/openai/lm-human-preferences/blob/cbfd210/lm_human_preferences/utils/core_torch.py
+    """
+    mean = masked_mean(x, mask) if mean is None else mean
+    var = masked_var(x, mask) if var is None else var
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+class _LogprobsAndEntropy(torch.autograd.Function):
+    """log pi(token) and entropy H(pi) of softmax(logits / T), one row chunk at a time.
+
+    Autograd through log_softmax keeps several (B, T, V) float32 tensors alive; this keeps only the
+    logits (whatever their dtype) and recomputes the softmax of one chunk in backward:
+        d logp_y / dz = onehot(y) - p,    dH / dz = -p * (log p + H),    z = logits / T.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, chunk_rows):
+        logprobs = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)
+        entropy = torch.empty_like(logprobs)
+        for start in range(0, logits.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            z = logits[rows].float() / temperature                     # (rows, V)
+            log_z = torch.logsumexp(z, dim=-1)
+            logprobs[rows] = z.gather(1, tokens[rows, None]).squeeze(1) - log_z
+            entropy[rows] = log_z - (torch.softmax(z, dim=-1) * z).sum(-1)
+        ctx.save_for_backward(logits, tokens, entropy)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        logits, tokens, entropy = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            log_p = torch.log_softmax(logits[rows].float() / ctx.temperature, dim=-1)   # (rows, V)
+            p = log_p.exp()
+            g_lp = grad_logprobs[rows, None] if grad_logprobs is not None else torch.zeros_like(p[:, :1])
+            scale = g_lp.expand_as(p).clone()
+            if grad_entropy is not None:
+                scale += grad_entropy[rows, None] * (log_p + entropy[rows, None])
+            grad = -p * scale
+            grad.scatter_add_(1, tokens[rows, None], g_lp)
+            grad_logits[rows] = (grad / ctx.temperature).to(logits.dtype)
+        return grad_logits, None, None, None
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
+    """logits (B, T, V) of any float dtype, tokens (B, T) -> (log pi(token) (B, T), entropy (B, T)), float32."""
+    batch, length, vocab = logits.shape
+    chunk_rows = max(1, (1 << 26) // vocab)       # ~256 MB of float32 temporaries per chunk
+    logprobs, entropy = _LogprobsAndEntropy.apply(
+        logits.reshape(batch * length, vocab), tokens.reshape(-1), float(temperature), chunk_rows)
+    return logprobs.view(batch, length), entropy.view(batch, length)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate from samples of pi.  http://joschu.net/blog/kl-approx.html
+    k1 = log(pi / pi_ref): unbiased, negative on some tokens;  k3 = (r - 1) - log r, r = pi_ref / pi: >= 0."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor,
+                  kl_coef: float) -> torch.Tensor:
+    """r_t = -beta * KL_t on every response token, plus the score on the last real one (B,) -> (B, T)."""
+    rewards = torch.where(response_mask, -kl_coef * kl, torch.zeros((), device=kl.device))
+    last = response_mask.sum(1) - 1                                   # (B,) index of the EOS / last token
+    rows = torch.arange(len(scores), device=scores.device)
+    rewards[rows, last] += scores.to(rewards.dtype)
+    return rewards
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor,
+                gamma: float, lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens, V = 0 after the last one (B, T) -> (B, T).
+    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1};  returns = A + V."""
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    values = torch.where(response_mask, values, zero)
+    rewards = torch.where(response_mask, rewards, zero)
+    lastgaelam = torch.zeros_like(values[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(values.shape[1])):
+        next_values = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(lastgaelam)
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    returns = advantages + values
+    return torch.where(response_mask, advantages, zero), torch.where(response_mask, returns, zero)
+
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_range: float):
+    """PPO-clip surrogate per token: max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)).
+    Returns (loss (B, T), clipped (B, T) bool: the clipped branch was taken, so no gradient)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.max(pg_loss1, pg_loss2), pg_loss2 > pg_loss1
+
+
+def clipped_value_loss(values, old_values, returns, clip_range_value: float):
+    """0.5 * max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2) per token -> (loss, clipped)."""
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    vf_loss1 = (values - returns) ** 2
+    vf_loss2 = (values_clipped - returns) ** 2
+    return 0.5 * torch.max(vf_loss1, vf_loss2), vf_loss2 > vf_loss1
+
+
+def explained_variance(values, returns, mask) -> torch.Tensor:
+    """1 - Var(R - V) / Var(R) over valid tokens: 1 is a perfect critic, <= 0 no better than a constant."""
+    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then the schedule."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return 1.0 - progress
+    return 1.0                                         # "constant", and "plateau" (scaled on evaluation)
+
+
+def adaptive_kl_coef(kl_coef: float, current_kl: float, n_responses: int, target: float, horizon: int) -> float:
+    """beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)   (Ziegler et al. 2019, section 2.2)."""
+    proportional_error = min(max(current_kl / target - 1, -0.2), 0.2)
+    return kl_coef * (1 + proportional_error * n_responses / horizon)
+
+
+def merge_moments(mean: float, var: float, count: int, batch_mean: float, batch_var: float,
+                  batch_count: int) -> Tuple[float, float, int]:
+    """Running mean and (population) variance after adding a batch (Chan et al.'s parallel update)."""
+    total = count + batch_count
+    delta = batch_mean - mean
+    m2 = var * count + batch_var * batch_count + delta ** 2 * count * batch_count / total
+    return mean + delta * batch_count / total, m2 / total, total
+
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number(text: str) -> Optional[float]:
+    numbers = NUMBER.findall(text)
+    return float(numbers[-1].replace(",", "")) if numbers else None
+
+
+def answer_matches(response: str, reference: str, rule: str) -> bool:
+    """The accuracy / reference-reward rule. "last_number": the last numbers agree (GSM8K's "#### 72"
+    and "... the answer is 72." match); "exact": equal up to whitespace; "contains": reference in response."""
+    if rule == "last_number":
+        got = last_number(response)
+        return got is not None and got == last_number(reference)
+    if rule == "exact":
+        return response.split() == reference.split()
+    if rule == "contains":
+        return reference.strip() in response
+    raise ValueError(f"unknown ANSWER_MATCH rule {rule!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Data: prompt datasets in the guide's format, read with the `datasets` library
+# ---------------------------------------------------------------------------------------------
+def resolve_path(path: str) -> str:
+    """A relative path is looked up in the working directory, then next to ppo.py; else kept (a hub id)."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return str(candidate)
+    beside = Path(__file__).resolve().parent / candidate
+    return str(beside) if beside.exists() else path
+
+
+def jsonl_line_of_row(path: str, row: int) -> int:
+    """1-based line number of the row-th (0-based) non-blank line of a JSONL file."""
+    with open(path, encoding="utf-8") as f:
+        seen = -1
+        for number, line in enumerate(f, 1):
+            seen += bool(line.strip())
+            if seen == row:
+                return number
+    return row + 1
+
+
+def find_bad_jsonl_line(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"{path}, line {number}, column {e.colno}: invalid JSON ({e.msg}). Each line must be one JSON object."
+            if not isinstance(value, dict):
+                return f"{path}, line {number}: expected a JSON object like {{\"problem\": ..., \"solution\": ...}}."
+    return f"{path}: could not be read as JSONL (one JSON object per line)."
+
+
+def read_dataset(spec: dict, where: str):
+    """Load one {"path", "type", "input", "output"} entry as a datasets.Dataset, or explain what is wrong."""
+    import datasets
+    if not isinstance(spec, dict) or not {"path", "type", "input"} <= set(spec):
+        raise ConfigError(f'{where} must be like {{"path": "data.jsonl", "type": "jsonl", "input": "problem", '
+                          f'"output": "solution"}} ("output" optional); got {spec!r}.')
+    extra = set(spec) - {"path", "type", "input", "output"}
+    if extra:
+        raise ConfigError(f"{where} has unknown key(s) {sorted(extra)}; allowed: path, type, input, output.")
+    path, kind = resolve_path(str(spec["path"])), spec["type"]
+    if kind not in ("jsonl", "parquet"):
+        raise ConfigError(f'{where}: type {kind!r} is not supported; use "jsonl" or "parquet".')
+    if not Path(path).is_file():
+        raise ConfigError(f"{where}: dataset file {spec['path']} not found (working directory: {os.getcwd()}).")
+    if os.path.getsize(path) == 0:
+        raise ConfigError(f"{where}: dataset file {path} is empty.")
+    datasets.disable_progress_bars()
+    try:
+        dataset = (datasets.Dataset.from_json if kind == "jsonl" else datasets.Dataset.from_parquet)(path)
+    except Exception as e:
+        if kind == "jsonl":
+            raise ConfigError(f"{where}: {find_bad_jsonl_line(path)}") from None
+        raise ConfigError(f"{where}: {path} is not a readable Parquet file ({type(e).__name__}: {e}).") from None
+    for role in ("input", "output"):
+        if role in spec and spec[role] not in dataset.column_names:
+            raise ConfigError(f"{where}: column {spec[role]!r} (\"{role}\") is not in {path}; "
+                              f"its columns are {dataset.column_names}.")
+    return path, dataset
+
+
+def load_prompts(specs: List[dict], limit: int, name: str) -> Tuple[List[str], Dict[str, str]]:
+    """All datasets of TRAIN_DATASETS or EVAL_DATASETS, concatenated: (prompts, {prompt: reference})."""
+    prompts, references = [], {}
+    for i, spec in enumerate(specs):
+        where = f"{name}[{i}]"
+        path, dataset = read_dataset(spec, where)
+        inputs = dataset[spec["input"]]
+        outputs = dataset[spec["output"]] if spec.get("output") else [None] * len(inputs)
+        for row, (prompt, reference) in enumerate(zip(inputs, outputs)):
+            if not isinstance(prompt, str) or not prompt.strip():
+                place = f"line {jsonl_line_of_row(path, row)}" if spec["type"] == "jsonl" else f"row {row + 1}"
+                raise ConfigError(f"{where}: {path}, {place}: the prompt column {spec['input']!r} holds "
+                                  f"{prompt!r}; every prompt must be a non-empty string.")
+            prompts.append(prompt)
+            if reference is not None:
+                references.setdefault(prompt, str(reference))
+    if not prompts and specs:
+        raise ConfigError(f"{name}: no usable rows in {[s.get('path') for s in specs]}.")
+    return (prompts[:limit] if limit else prompts), references
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Models: policy, frozen reference, critic (backbone + value head), reward model
+# ---------------------------------------------------------------------------------------------
+def model_error(name: str, path: str, problem: str) -> ConfigError:
+    return ConfigError(f"{name} = {path!r}: {problem}")
+
+
+def load_model_config(name: str, path: str, cfg: Config):
+    """(resolved path, config), with an error that names the constant when there is no model there."""
+    from transformers import AutoConfig
+    resolved = resolve_path(path)
+    try:
+        config = AutoConfig.from_pretrained(resolved, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    except (OSError, ValueError) as e:
+        if not Path(resolved).exists() and (resolved.startswith((".", "/", "~")) or resolved.count("/") > 1):
+            raise model_error(name, path, "no such folder.") from None
+        raise model_error(name, path, f"cannot load a model config from it ({str(e).splitlines()[0]}). "
+                          "Give a local folder made by save_pretrained, or a Hugging Face hub id "
+                          "(downloads need network access).") from None
+    return resolved, config
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off in every layer, so the PPO ratio is exactly 1 before the first update. The modules are
+    changed, not the config, so a saved checkpoint keeps the user's dropout settings."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for key, value in list(vars(module).items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(module, key, 0.0)
+    return model
+
+
+def load_causal_lm(name: str, path: str, cfg: Config, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+    resolved, config = load_model_config(name, path, cfg)
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+                                 for a in architectures):
+        raise model_error(name, path, f"is a {architectures[0]}, not a causal language model "
+                          "(AutoModelForCausalLM). Point it at a generative model.")
+    model = AutoModelForCausalLM.from_pretrained(resolved, config=config, dtype=dtype,
+                                                 trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    return disable_dropout(model)
+
+
+def load_sequence_classifier(name: str, path: str, cfg: Config, dtype: torch.dtype, is_reward: bool):
+    """The reward model, or the critic (from a reward model or a causal LM: its `score` head is the value head)."""
+    from transformers import AutoModelForSequenceClassification
+    resolved, config = load_model_config(name, path, cfg)
+    architectures = getattr(config, "architectures", None) or []
+    if is_reward and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise model_error(name, path, f"is a {architectures[0] if architectures else 'model'} without a "
+                          "sequence-classification head; the reward model must load with "
+                          "AutoModelForSequenceClassification (num_labels=1).")
+    if is_reward and config.num_labels != 1:
+        raise model_error(name, path, f"has num_labels = {config.num_labels}; a reward model gives one "
+                          "score per sequence (num_labels=1).")
+    config.num_labels = 1
+    model = AutoModelForSequenceClassification.from_pretrained(resolved, config=config, dtype=dtype,
+                                                               trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    if not is_reward and not isinstance(getattr(model, "score", None), nn.Linear):
+        raise model_error(name, path, f"{type(model).__name__} has no `score` head; the critic must be a "
+                          "decoder-only model (Llama, Qwen2, Mistral, GPT-2, ...).")
+    return disable_dropout(model)
+
+
+def load_tokenizer(name: str, path: str, cfg: Config):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(resolve_path(path), trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    if tokenizer.pad_token is None:
+        distinct = tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.unk_token if distinct else tokenizer.eos_token
+        logger.info(f"{name}: the tokenizer has no pad token; padding with {tokenizer.pad_token!r} "
+                    "(masks never depend on the pad id, so this is safe).")
+    return tokenizer
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformer under a task head (`model.model` for Llama, `model.transformer` for GPT-2)."""
+    return getattr(model, model.base_model_prefix)
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so left padding never shifts them: cumsum(mask) - 1, clamped."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def head_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar `score` head on every position of a backbone: (B, L) float32."""
+    hidden = base_model(model)(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return model.score(hidden.last_hidden_state).squeeze(-1).float()
+
+
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward model's score at each sequence's last real token, whatever the padding side: (B,)."""
+    if not isinstance(getattr(model, "score", None), nn.Linear):      # encoder models pool their own way
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (positions * attention_mask.long()).argmax(-1)            # (B,)
+    return head_outputs(model, input_ids, attention_mask)[torch.arange(len(last)), last]
+
+
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+class PolicyAndCritic(nn.Module):
+    """Both trained models in one module, so DDP / DeepSpeed wrap (and synchronise) them together."""
+
+    def __init__(self, policy: nn.Module, critic: Optional[nn.Module]):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+        self.keep_logits = supports_logits_to_keep(policy)
+
+    def forward(self, input_ids, attention_mask, response_length: int):
+        """(B, P + T) sequences -> logits predicting each response token (B, T, V), values V_t (B, T)."""
+        kwargs = {"logits_to_keep": response_length + 1} if self.keep_logits else {}
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                          position_ids=position_ids_from_mask(attention_mask), **kwargs)
+        logits = out.logits[:, -response_length - 1:-1]
+        values = None
+        if self.critic is not None:
+            values = head_outputs(self.critic, input_ids, attention_mask)[:, -response_length - 1:-1]
+        return logits, values
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Rollout: generate, truncate, score, forward, KL-shaped rewards, GAE, whiten
+# ---------------------------------------------------------------------------------------------
+def pad_left(sequences: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences], dtype=torch.long)
+    mask = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in sequences])
+    return ids, mask
+
+
+def pad_right(sequences: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([list(s) + [pad_id] * (width - len(s)) for s in sequences], dtype=torch.long)
+    mask = torch.tensor([[True] * len(s) + [False] * (width - len(s)) for s in sequences])
+    return ids, mask
+
+
+def truncate_at_stop(response_ids: torch.Tensor, stop_ids: torch.Tensor):
+    """Keep each response up to and including its first stop token: (lengths (B,), has_stop (B,) bool)."""
+    is_stop = torch.isin(response_ids, stop_ids)                      # (B, T)
+    has_stop = is_stop.any(1)
+    first_stop = is_stop.int().argmax(1)
+    lengths = torch.where(has_stop, first_stop + 1, torch.full_like(first_stop, response_ids.shape[1]))
+    return lengths, has_stop
+
+
+@dataclasses.dataclass
+class Rollout:
+    """B sequences: a left-padded prompt (B, P) and a right-padded response (B, T), plus what PPO derives."""
+    prompts: List[str]
+    query_ids: torch.Tensor                      # (B, P)
+    query_mask: torch.Tensor                     # (B, P) bool, real prompt tokens
+    response_ids: torch.Tensor                   # (B, T), padding after the first stop token
+    response_mask: torch.Tensor                  # (B, T) bool, real response tokens, stop token included
+    responses: List[str]                         # decoded, without the stop token
+    has_eos: torch.Tensor                        # (B,) bool
+    scores: Optional[torch.Tensor] = None        # (B,) score of each response, penalties included
+    old_logprobs: Optional[torch.Tensor] = None  # (B, T) log pi_old(token) at TEMPERATURE
+    ref_logprobs: Optional[torch.Tensor] = None  # (B, T) log pi_ref(token)
+    values: Optional[torch.Tensor] = None        # (B, T) V_old
+    advantages: Optional[torch.Tensor] = None    # (B, T) whitened
+    returns: Optional[torch.Tensor] = None       # (B, T)
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        """The sequences `idx`, cut to their own longest prompt and response (no global padding)."""
+        idx_list = idx.tolist()
+        prompt_len = int(self.query_mask[idx].sum(1).max())
+        response_len = int(self.response_mask[idx].sum(1).max())
+        picked = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, list):
+                picked[field.name] = [value[i] for i in idx_list]
+            elif value is None or value.dim() == 1:
+                picked[field.name] = None if value is None else value[idx.to(value.device)]
+            elif field.name.startswith("query"):
+                picked[field.name] = value[idx.to(value.device), -prompt_len:]
+            else:
+                picked[field.name] = value[idx.to(value.device), :response_len]
+        return Rollout(**picked)
+
+    def sequences(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, P + T) input ids and attention mask."""
+        return (torch.cat([self.query_ids, self.response_ids], 1),
+                torch.cat([self.query_mask, self.response_mask], 1).long())
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. PPOTrainer
+# ---------------------------------------------------------------------------------------------
+class TrainingError(Exception):
+    """The run cannot go on (repeated NaN, bad output of an override): one message, exit 1."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM: a checkpoint of the last completed step was written."""
+
+    def __init__(self, signum: int, checkpoint: Optional[Path]):
+        super().__init__(signum, checkpoint)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+class StepDropped(Exception):
+    """A signal arrived before the update of the step in flight began: the step is dropped."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
+    global_step: int = 0                   # PPO steps completed
+    epoch: int = 0                         # pass over the training prompts in progress
+    position: int = 0                      # prompts of this epoch used so far (all processes)
+    optimizer_steps: int = 0               # optimizer steps taken: drives the lr schedule
+    kl_coef: float = 0.0                   # beta (moved by ADAPTIVE_KL)
+    reward_mean: float = 0.0               # running score moments (REWARD_NORMALIZATION)
+    reward_var: float = 1.0
+    reward_count: int = 0
+    skipped_steps: int = 0                 # PPO steps with a NaN / inf that were (partly) skipped
+    consecutive_skips: int = 0
+    best_metric: Optional[float] = None    # EARLY_STOPPING_METRIC: best value and its step
+    best_step: int = -1
+    evals_without_improvement: int = 0
+    lr_scale: float = 1.0                  # "plateau" multiplier of both learning rates
+    plateau_bad_evals: int = 0
+    last_eval_step: int = -1
+    history: List[dict] = dataclasses.field(default_factory=list)   # metrics rows, for the charts
+
+
+@dataclasses.dataclass
+class Plan:
+    """Sizes derived once from the settings and the data, checked and printed at start."""
+    prompts: int
+    prompts_per_step: int                  # all processes
+    steps_per_epoch: int
+    total_steps: int
+    optimizer_steps: int
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch generator states, as types torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_mixed_precision(cfg: Config) -> str:
+    if cfg.MIXED_PRECISION != "auto":
+        return cfg.MIXED_PRECISION
+    on_gpu = cfg.DEVICE != "cpu" and torch.cuda.is_available()
+    return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> List[int]:
+    """The order of the training prompts in an epoch: the same on every process and after a resume."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+class PPOTrainer:
+    """PPO-RLHF trainer. Keyword arguments: the constants of section 2 (e.g. BATCH_SIZE=2), and
+    resume_from_checkpoint="OUTPUT_DIR/checkpoints/step_N" to continue a run exactly."""
+
+    def __init__(self, resume_from_checkpoint: Optional[str] = None, **settings):
+        from accelerate import Accelerator
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()           # no "Writing model shards" bars inside our own
+        self.cfg = cfg = make_config(settings)
+        validate_config(cfg)
+        self.accelerator = Accelerator(cpu=cfg.DEVICE == "cpu", mixed_precision=resolve_mixed_precision(cfg))
+        self.is_main = self.accelerator.is_main_process
+        self.device = self.accelerator.device
+        self.output_dir = Path(cfg.OUTPUT_DIR)
+        self.log_path = setup_logging(self.output_dir, self.is_main)
+        self.checkpoint = Path(resume_from_checkpoint) if resume_from_checkpoint else None
+        saved_state = load_checkpoint_state(self.checkpoint, cfg) if self.checkpoint else None
+        seed_everything(cfg.SEED + self.accelerator.process_index)
+        self.state = TrainState(kl_coef=cfg.KL_COEF)
+        self.plan: Optional[Plan] = None
+        self.references: Dict[str, str] = {}
+        self.prompt_ids: Dict[str, List[int]] = {}
+        self.signal_received: Optional[int] = None
+        self._load_models()
+        if saved_state is not None:
+            self._restore(saved_state)
+
+    # -- setup --------------------------------------------------------------------------------
+    def _load_models(self) -> None:
+        cfg = self.cfg
+        frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision,
+                                                                           torch.float32)
+        policy_path = str(self.checkpoint / "policy") if self.checkpoint else cfg.ACTOR_MODEL
+        critic_path = str(self.checkpoint / "critic") if self.checkpoint else cfg.CRITIC_MODEL
+        self.tokenizer = load_tokenizer("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)
+        self.tokenizer.padding_side = "left"
+        self.reward_tokenizer = load_tokenizer("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
+        policy = load_causal_lm("ACTOR_MODEL", policy_path, cfg, torch.float32)
+        critic = load_sequence_classifier("CRITIC_MODEL", critic_path, cfg, torch.float32, is_reward=False)
+        reference = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, frozen_dtype)
+        reward = load_sequence_classifier("REWARD_MODEL", cfg.REWARD_MODEL, cfg, frozen_dtype, is_reward=True)
+        self.ref = PolicyAndCritic(reference.requires_grad_(False).eval(), None).to(self.device)
+        self.reward_model = reward.requires_grad_(False).eval().to(self.device)
+        self.stop_ids = self._stop_token_ids(policy)
+        optimizer = torch.optim.AdamW(
+            [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.LEARNING_RATE},
+             {"params": [p for p in critic.parameters() if p.requires_grad], "lr": cfg.CRITIC_LEARNING_RATE}],
+            weight_decay=cfg.WEIGHT_DECAY)
+        self.model, self.optimizer = self.accelerator.prepare(PolicyAndCritic(policy, critic), optimizer)
+        counts = [sum(p.numel() for p in group["params"]) for group in optimizer.param_groups]
+        logger.info(f"policy {type(policy).__name__}: {counts[0] / 1e6:.2f}M trainable parameters; critic "
+                    f"{counts[1] / 1e6:.2f}M; device {self.device}, mixed precision {self.accelerator.mixed_precision}")
+
+    def _stop_token_ids(self, policy) -> torch.Tensor:
+        ids = {self.tokenizer.eos_token_id}
+        configured = policy.generation_config.eos_token_id
+        ids.update(configured if isinstance(configured, list) else [configured])
+        for token in self.cfg.STOP_TOKENS:
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == self.tokenizer.unk_token_id:
+                raise ConfigError(f"STOP_TOKENS: {token!r} is not a single token of the policy's tokenizer.")
+            ids.add(token_id)
+        ids.discard(None)
+        if not ids:
+            raise ConfigError("The policy's tokenizer has no EOS token: add one, or list an end token in STOP_TOKENS.")
+        return torch.tensor(sorted(ids))
+
+    @property
+    def policy(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model).policy
+
+    @property
+    def critic(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model).critic
+
+    def prepare_prompts(self, prompts: Sequence[str]) -> None:
+        """Tokenize prompts once (chat template, MAX_PROMPT_LENGTH) into self.prompt_ids."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self.prompt_ids]
+        if not new:
+            return
+        tok = self.tokenizer
+        if self.cfg.USE_CHAT_TEMPLATE and tok.chat_template:
+            texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                             add_generation_prompt=True) for p in new]
+            encoded = tok(texts, add_special_tokens=False)["input_ids"]
+        else:
+            encoded = tok(new, add_special_tokens=True)["input_ids"]
+        limit = self.cfg.MAX_PROMPT_LENGTH
+        too_long = sum(len(ids) > limit for ids in encoded)
+        if too_long:
+            logger.warning(f"{too_long} of {len(new)} prompts are longer than MAX_PROMPT_LENGTH = {limit} tokens; "
+                           "they keep their last tokens.")
+        self.prompt_ids.update((p, ids[-limit:]) for p, ids in zip(new, encoded))
+
+    def make_plan(self, n_prompts: int) -> Plan:
+        cfg, world = self.cfg, self.accelerator.num_processes
+        per_step = cfg.BATCH_SIZE * cfg.GRADIENT_ACCUMULATION_STEPS * cfg.NUM_MINI_BATCHES * world
+        steps_per_epoch = math.ceil(n_prompts / per_step)
+        total = steps_per_epoch * cfg.NUM_EPOCHES
+        total = min(total, cfg.MAX_STEPS) if cfg.MAX_STEPS else total
+        plan = Plan(n_prompts, per_step, steps_per_epoch, total, total * cfg.GROUP_EPOCHES * cfg.NUM_MINI_BATCHES)
+        if n_prompts < per_step:
+            logger.warning(f"Only {n_prompts} training prompts for a rollout of {per_step}: each step uses them all.")
+        logger.info(f"{n_prompts} training prompts; per PPO step {per_step} prompts x {cfg.GROUP_SIZE} responses "
+                    f"on {world} process(es); {steps_per_epoch} steps per epoch x {cfg.NUM_EPOCHES} epochs = "
+                    f"{total} steps; {plan.optimizer_steps} optimizer steps "
+                    f"({cfg.GROUP_EPOCHES} PPO epochs x {cfg.NUM_MINI_BATCHES} minibatches per step)")
+        return plan
+
+    # -- rollout --------------------------------------------------------------------------------
+    def generation_config(self, do_sample: bool, max_new_tokens: int):
+        """Sampling from the full softmax(logits / T): every filter the model's generation_config may
+        set (top-k, top-p, min-p, typical, repetition penalties, minimum length) is neutralised."""
+        from transformers import GenerationConfig
+        sampling = {"temperature": self.cfg.TEMPERATURE, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0} if do_sample else {}
+        return GenerationConfig(
+            do_sample=do_sample, max_new_tokens=max_new_tokens, min_new_tokens=0, num_beams=1,
+            repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True, **sampling,
+            eos_token_id=self.stop_ids.tolist(), pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id)
+
+    def generate_response(self, prompts: List[str], max_new_tokens: Optional[int] = None,
+                          do_sample: bool = True) -> Rollout:
+        """One response per prompt, in batches of BATCH_SIZE * GROUP_SIZE, each cut after its first stop token."""
+        cfg, pad = self.cfg, self.tokenizer.pad_token_id
+        self.prepare_prompts(prompts)
+        config = self.generation_config(do_sample, max_new_tokens or cfg.MAX_NEW_TOKENS)
+        policy = self.policy.eval()                    # eval mode: gradient checkpointing would disable the cache
+        queries = [self.prompt_ids[p] for p in prompts]
+        responses, has_eos = [], []
+        for start in range(0, len(prompts), cfg.BATCH_SIZE * cfg.GROUP_SIZE):
+            query_ids, query_mask = pad_left(queries[start:start + cfg.BATCH_SIZE * cfg.GROUP_SIZE], pad)
+            with torch.no_grad(), self.accelerator.autocast():
+                out = policy.generate(input_ids=query_ids.to(self.device), generation_config=config,
+                                      attention_mask=query_mask.long().to(self.device))
+            generated = out[:, query_ids.shape[1]:].cpu()                           # (b, T)
+            lengths, has_stop = truncate_at_stop(generated, self.stop_ids)
+            responses += [row[:n].tolist() for row, n in zip(generated, lengths.tolist())]
+            has_eos += has_stop.tolist()
+        policy.train()
+        texts = self.tokenizer.batch_decode([r[:-1] if eos else r for r, eos in zip(responses, has_eos)],
+                                            skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        query_ids, query_mask = pad_left(queries, pad)
+        response_ids, response_mask = pad_right(responses, pad)
+        to = self.device
+        return Rollout(list(prompts), query_ids.to(to), query_mask.to(to), response_ids.to(to),
+                       response_mask.to(to), texts, torch.tensor(has_eos, device=to))
+
+    def compute_rewards(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
+        """One score per response, shape (B,). Override to add terms (the guide's custom reward section)."""
+        return self.reward_model_scores(prompts, responses)
+
+    def reward_model_score(self, prompt: str, response: str) -> torch.Tensor:
+        """The reward model's score of one response (a 0-dim tensor)."""
+        return self.reward_model_scores([prompt], [response])[0]
+
+    @torch.no_grad()
+    def reward_model_scores(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
+        """Batched reward-model scores (B,): its own tokenizer and chat template, read at the last real token."""
+        tok = self.reward_tokenizer
+        if tok.chat_template:
+            texts = [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                             tokenize=False) for p, r in zip(prompts, responses)]
+        else:
+            texts = [p + r for p, r in zip(prompts, responses)]
+        scores = []
+        chunk = self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE
+        for start in range(0, len(texts), chunk):
+            enc = tok(texts[start:start + chunk], padding=True, return_tensors="pt",
+                      add_special_tokens=not tok.chat_template).to(self.device)
+            with self.accelerator.autocast():
+                scores.append(sequence_scores(self.reward_model, enc["input_ids"], enc["attention_mask"]))
+        return torch.cat(scores)
+
+    def reference_matches(self, prompts: List[str], responses: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(correct (B,) float, has_reference (B,) bool) under ANSWER_MATCH against the dataset's outputs."""
+        refs = [self.references.get(p) for p in prompts]
+        correct = [float(r is not None and answer_matches(text, r, self.cfg.ANSWER_MATCH))
+                   for text, r in zip(responses, refs)]
+        return (torch.tensor(correct, device=self.device),
+                torch.tensor([r is not None for r in refs], device=self.device))
+
+    def score_rollout(self, rollout: Rollout) -> Dict[str, torch.Tensor]:
+        """Steps 2-3 of the rollout: score = compute_rewards (+ reference reward), normalised, clipped,
+        minus MISSING_EOS_PENALTY for responses that never stopped."""
+        cfg = self.cfg
+        model_scores = torch.as_tensor(self.compute_rewards(rollout.prompts, rollout.responses),
+                                       dtype=torch.float32).reshape(-1).to(self.device)
+        if len(model_scores) != len(rollout):
+            raise TrainingError(f"compute_rewards returned {len(model_scores)} scores for {len(rollout)} "
+                                "responses; it must return one score per response.")
+        metrics = {"objective/rm_score": model_scores.mean()}
+        scores = model_scores
+        correct, has_ref = self.reference_matches(rollout.prompts, rollout.responses)
+        if has_ref.any():
+            metrics["train/accuracy"] = masked_mean(correct, has_ref)
+            scores = scores + cfg.REFERENCE_REWARD * correct
+        if cfg.REWARD_NORMALIZATION:
+            scores = self._normalize_scores(scores)
+        if cfg.REWARD_CLIP:
+            scores = scores.clamp(-cfg.REWARD_CLIP, cfg.REWARD_CLIP)
+        rollout.scores = scores - cfg.MISSING_EOS_PENALTY * (~rollout.has_eos).float()
+        metrics["objective/score"] = rollout.scores.mean()
+        return metrics
+
+    def _normalize_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        s = self.state
+        total, total_sq, count = self._all_sum(torch.stack([scores.sum(), (scores ** 2).sum(),
+                                                            torch.tensor(float(len(scores)), device=self.device)]))
+        mean = (total / count).item()
+        var = max((total_sq / count).item() - mean ** 2, 0.0)
+        s.reward_mean, s.reward_var, s.reward_count = merge_moments(s.reward_mean, s.reward_var, s.reward_count,
+                                                                    mean, var, int(count.item()))
+        return (scores - s.reward_mean) / math.sqrt(s.reward_var + 1e-8)
+
+    def _micro_batches(self, n: int) -> List[torch.Tensor]:
+        return list(torch.arange(n).split(self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE))
+
+    @torch.no_grad()
+    def forward_rollout(self, rollout: Rollout) -> Dict[str, torch.Tensor]:
+        """Step 4: one no-grad pass each for log pi_old, log pi_ref and V_old, in micro-batches, on the
+        numeric path the update uses, so that the first update's ratio is exactly 1."""
+        batch, length = rollout.response_ids.shape
+        logprobs, ref_logprobs, values, entropy = (torch.zeros(batch, length, device=self.device) for _ in range(4))
+        model = self.accelerator.unwrap_model(self.model)
+        for idx in self._micro_batches(batch):
+            mb = rollout.select(idx)
+            ids, attention = mb.sequences()
+            t = mb.response_ids.shape[1]
+            with self.accelerator.autocast():
+                logits, mb_values = model(ids, attention, t)
+                logprobs[idx, :t], entropy[idx, :t] = logprobs_and_entropy(logits, mb.response_ids, self.cfg.TEMPERATURE)
+                ref_logits, _ = self.ref(ids, attention, t)
+                ref_logprobs[idx, :t] = logprobs_and_entropy(ref_logits, mb.response_ids, self.cfg.TEMPERATURE)[0]
+            values[idx, :t] = mb_values
+            del logits, ref_logits
+        rollout.old_logprobs, rollout.ref_logprobs, rollout.values = logprobs, ref_logprobs, values
+        return {"objective/entropy": masked_mean(entropy, rollout.response_mask)}
+
+    def compute_advantages(self, rollout: Rollout) -> Dict[str, torch.Tensor]:
+        """Steps 5-6: per-token KL penalty + score at the last token, GAE, whitening over the whole batch."""
+        cfg, mask = self.cfg, rollout.response_mask
+        kl = kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, cfg.KL_ESTIMATOR)         # (B, T)
+        rewards = shape_rewards(rollout.scores, kl, mask, self.state.kl_coef)
+        advantages, returns = compute_gae(rewards, rollout.values, mask, cfg.GAMMA, cfg.LAM)
+        rollout.advantages = masked_whiten(advantages, mask, *self._global_mean_var(advantages, mask))
+        rollout.returns = returns
+        sequence_kl = masked_sum(kl, mask, 1)                                                   # (B,)
+        non_score_reward = -self.state.kl_coef * masked_sum(kl, mask, 1)
+        return {"objective/kl": sequence_kl.mean(), "objective/kl_coef": torch.tensor(self.state.kl_coef),
+                "objective/non_score_reward": non_score_reward.mean(),
+                "objective/rlhf_reward": (rollout.scores + non_score_reward).mean(),
+                "ppo/advantages_mean": masked_mean(advantages, mask), "ppo/returns_mean": masked_mean(returns, mask),
+                "ppo/val/mean": masked_mean(rollout.values, mask),
+                "ppo/val/explained_variance": explained_variance(rollout.values, returns, mask),
+                "response/length": mask.sum(1).float().mean(), "response/eos_rate": rollout.has_eos.float().mean()}
+
+    def make_rollout(self, prompts: List[str]) -> Tuple[Rollout, Dict[str, torch.Tensor], Dict[str, float]]:
+        """The rollout recipe: 1 generate GROUP_SIZE responses per prompt and cut them at the stop token,
+        2 score, 3 penalise a missing EOS, 4 logprobs / reference logprobs / values, 5 KL-shaped rewards,
+        6 GAE and whitening."""
+        timings: Dict[str, float] = {}
+        with self._timed(timings, "generate"):
+            rollout = self.generate_response([p for p in prompts for _ in range(self.cfg.GROUP_SIZE)])
+        self._check_signal()
+        with self._timed(timings, "score"):
+            metrics = self.score_rollout(rollout)
+        self._check_signal()
+        with self._timed(timings, "forward"):
+            metrics.update(self.forward_rollout(rollout))
+            metrics.update(self.compute_advantages(rollout))
+        return rollout, metrics, timings
+
+    # -- update ---------------------------------------------------------------------------------
+    UPDATE_STATS = ("tokens", "pg_loss", "vf_loss", "entropy", "pg_clipped", "vf_clipped", "approx_kl", "ratio")
+
+    def minibatch_schedule(self, n: int, step: int) -> List[List[List[torch.Tensor]]]:
+        """epochs -> minibatches (one optimizer step each) -> micro-batches (index tensors), shuffled per epoch
+        by a generator seeded from (SEED, step): the same after a resume, no draw on the global RNG."""
+        cfg = self.cfg
+        generator = torch.Generator().manual_seed(cfg.SEED * 1_000_003 + step)
+        epochs = []
+        for _ in range(cfg.GROUP_EPOCHES):
+            order = torch.randperm(n, generator=generator)
+            minibatches = [mb for mb in order.tensor_split(cfg.NUM_MINI_BATCHES) if len(mb)]
+            epochs.append([[m for m in mb.tensor_split(cfg.GRADIENT_ACCUMULATION_STEPS) if len(m)]
+                           for mb in minibatches])
+        return epochs
+
+    def accumulate_gradients(self, rollout: Rollout, micro_batches: List[torch.Tensor]) -> torch.Tensor:
+        """Forward and backward over one minibatch; every loss is a token sum divided by the minibatch's
+        token count, so the accumulated gradient does not depend on how it is split. Returns stat sums."""
+        cfg, mask_of = self.cfg, rollout.response_mask
+        tokens = self._all_sum(sum(mask_of[idx].sum() for idx in micro_batches).float())
+        normalizer = tokens / self.accelerator.num_processes        # DDP averages gradients over processes
+        stats = []
+        for i, idx in enumerate(micro_batches):
+            mb = rollout.select(idx)
+            ids, attention = mb.sequences()
+            mask = mb.response_mask
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                with self.accelerator.autocast():
+                    logits, values = self.model(ids, attention, mb.response_ids.shape[1])
+                logprobs, entropy = logprobs_and_entropy(logits, mb.response_ids, cfg.TEMPERATURE)
+                pg_loss, pg_clipped = clipped_policy_loss(logprobs, mb.old_logprobs, mb.advantages, cfg.CLIP_RANGE)
+                vf_loss, vf_clipped = clipped_value_loss(values, mb.values, mb.returns, cfg.CLIP_RANGE_VALUE)
+                loss = (masked_sum(pg_loss, mask) - cfg.ENTROPY_COEF * masked_sum(entropy, mask)
+                        + cfg.VALUE_LOSS_COEF * masked_sum(vf_loss, mask)) / normalizer
+                self.accelerator.backward(loss)
+            log_ratio = (logprobs - mb.old_logprobs).detach()
+            stats.append(torch.stack([mask.sum().float(), masked_sum(pg_loss.detach(), mask),
+                                      masked_sum(vf_loss.detach(), mask), masked_sum(entropy.detach(), mask),
+                                      masked_sum(pg_clipped.float(), mask), masked_sum(vf_clipped.float(), mask),
+                                      masked_sum(torch.expm1(log_ratio) - log_ratio, mask),
+                                      masked_sum(log_ratio.exp(), mask)]))
+        return torch.stack(stats).sum(0)
+
+    def optimizer_step(self) -> Tuple[torch.Tensor, bool]:
+        """Clip each model's gradient norm, then step, or skip (weights, optimizer state and lr schedule
+        untouched) when a gradient is NaN / inf. Returns (gradient norms (2,), stepped)."""
+        self.accelerator.unscale_gradients()
+        norms = torch.stack([torch.nn.utils.clip_grad_norm_(group["params"], self.cfg.MAX_GRAD_NORM)
+                             for group in self.optimizer.param_groups])
+        stepped = bool(torch.isfinite(norms).all())
+        if stepped:
+            self._set_learning_rates()
+            self.optimizer.step()
+            self.state.optimizer_steps += 1
+        else:
+            logger.warning(f"step {self.state.global_step + 1}: non-finite gradient (norms {norms.tolist()}); "
+                           "optimizer step skipped, weights unchanged.")
+        self.optimizer.zero_grad(set_to_none=True)
+        return norms, stepped
+
+    def learning_rate_factor(self) -> float:
+        cfg = self.cfg
+        total = self.plan.optimizer_steps if self.plan else 0
+        schedule = (lr_factor(self.state.optimizer_steps, total, cfg.WARMUP_STEPS, cfg.LR_SCHEDULER_TYPE)
+                    if cfg.USE_LR_SCHEDULER else 1.0)
+        return schedule * self.state.lr_scale
+
+    def _set_learning_rates(self) -> None:
+        factor = self.learning_rate_factor()
+        policy_group, critic_group = self.optimizer.param_groups
+        policy_group["lr"] = self.cfg.LEARNING_RATE * factor
+        critic_group["lr"] = self.cfg.CRITIC_LEARNING_RATE * factor
+
+    def ppo_update(self, rollout: Rollout) -> Dict[str, torch.Tensor]:
+        """GROUP_EPOCHES shuffled passes over the rollout, an optimizer step per minibatch; with TARGET_KL,
+        the remaining passes are dropped once the approximate KL of a pass exceeds it."""
+        cfg = self.cfg
+        totals = torch.zeros(len(self.UPDATE_STATS), device=self.device)
+        norms, skipped, epochs_done = [], 0, 0
+        for minibatches in self.minibatch_schedule(len(rollout), self.state.global_step):
+            epoch_totals = torch.zeros_like(totals)
+            for micro_batches in minibatches:
+                epoch_totals += self.accumulate_gradients(rollout, micro_batches)
+                step_norms, stepped = self.optimizer_step()
+                norms.append(step_norms)
+                skipped += not stepped
+            totals += epoch_totals
+            epochs_done += 1
+            if cfg.TARGET_KL and (self._all_sum(epoch_totals[6]) / self._all_sum(epoch_totals[0])) > cfg.TARGET_KL:
+                break
+        stat = dict(zip(self.UPDATE_STATS, totals))
+        per_token = {k: v / stat["tokens"].clamp(min=1) for k, v in stat.items()}
+        norms = torch.stack(norms)
+        return {"ppo/loss/policy": per_token["pg_loss"], "ppo/loss/value": per_token["vf_loss"],
+                "ppo/policy/entropy": per_token["entropy"], "ppo/policy/clipfrac": per_token["pg_clipped"],
+                "ppo/val/clipfrac": per_token["vf_clipped"], "ppo/policy/approx_kl": per_token["approx_kl"],
+                "ppo/ratio_mean": per_token["ratio"], "ppo/epochs": torch.tensor(float(epochs_done)),
+                "ppo/skipped_optimizer_steps": torch.tensor(float(skipped)),
+                "grad_norm/policy": norms[:, 0].nanmean(), "grad_norm/critic": norms[:, 1].nanmean()}
+
+    def train_step(self, prompts: List[str]) -> Dict[str, float]:
+        """One PPO step on this process's prompts: a rollout, then the update. Returns reduced metrics."""
+        start = time.perf_counter()
+        rollout, metrics, timings = self.make_rollout(prompts)
+        finite = torch.isfinite(torch.stack([rollout.scores.sum(), rollout.advantages.sum(), rollout.returns.sum()]))
+        self._check_signal()
+        if bool(self._all_sum((~finite).any().float()) == 0):
+            with self._timed(timings, "update"):
+                metrics.update(self.ppo_update(rollout))
+        else:
+            logger.warning(f"step {self.state.global_step + 1}: NaN / inf in the scores or advantages "
+                           "(reward model or compute_rewards); the update is skipped.")
+            metrics["ppo/skipped_optimizer_steps"] = torch.tensor(float(self.cfg.GROUP_EPOCHES))
+        metrics = self._reduce_metrics(metrics)
+        self._count_skips(metrics["ppo/skipped_optimizer_steps"] > 0)
+        if self.cfg.ADAPTIVE_KL:
+            self.state.kl_coef = adaptive_kl_coef(self.state.kl_coef, metrics["objective/kl"],
+                                                  len(rollout) * self.accelerator.num_processes,
+                                                  self.cfg.ADAPTIVE_KL_TARGET, self.cfg.ADAPTIVE_KL_HORIZON)
+        timings["step"] = time.perf_counter() - start
+        generated = int(self._all_sum(rollout.response_mask.sum().float()).item())
+        metrics.update({f"time/{k}": v for k, v in timings.items()})
+        metrics.update({"throughput/tokens_per_second": generated / timings["step"],
+                        "lr/policy": self.optimizer.param_groups[0]["lr"],
+                        "lr/critic": self.optimizer.param_groups[1]["lr"]})
+        return metrics
+
+    def _count_skips(self, skipped: bool) -> None:
+        s = self.state
+        s.skipped_steps += skipped
+        s.consecutive_skips = s.consecutive_skips + 1 if skipped else 0
+        if s.consecutive_skips >= self.cfg.MAX_CONSECUTIVE_SKIPS:
+            raise TrainingError(
+                f"{s.consecutive_skips} steps in a row hit a NaN / inf (MAX_CONSECUTIVE_SKIPS = "
+                f"{self.cfg.MAX_CONSECUTIVE_SKIPS}); stopping. The last checkpoint is intact. Try a lower "
+                "LEARNING_RATE, MAX_GRAD_NORM = 0.5, or check the reward model's scores.")
+
+    # -- helpers shared by rollout and update ---------------------------------------------------
+    def _all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, "sum") if self.accelerator.num_processes > 1 else tensor
+
+    def _global_mean_var(self, x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Masked mean and variance over the valid entries of all processes (exact two-pass)."""
+        if self.accelerator.num_processes == 1:
+            return masked_mean(x, mask), masked_var(x, mask)
+        total, count = self._all_sum(torch.stack([masked_sum(x, mask), mask.sum().to(x.dtype)]))
+        mean = total / count
+        return mean, self._all_sum(masked_sum((x - mean) ** 2, mask)) / (count - 1).clamp(min=1)
+
+    def _reduce_metrics(self, metrics: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """Every metric averaged over processes, with one transfer to the host."""
+        names = list(metrics)
+        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=self.device).reshape(())
+                              for k in names])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, "mean")
+        return dict(zip(names, values.tolist()))
+
+    @contextlib.contextmanager
+    def _timed(self, timings: Dict[str, float], name: str):
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        timings[name] = time.perf_counter() - start
+
+    def _check_signal(self) -> None:
+        """Drop the step in flight when SIGINT / SIGTERM arrived before its update began (all processes agree)."""
+        received = torch.tensor(float(self.signal_received is not None), device=self.device)
+        if self._all_sum(received) > 0:
+            raise StepDropped()
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, eval_prompts: List[str]) -> Dict[str, float]:
+        """Generate for this process's share of eval_prompts (greedy unless EVAL_GREEDY is False) and
+        measure: mean reward-model score, accuracy against references, response length, EOS rate.
+        Override to add metrics: eval_metrics["custom_metric"] = ...; they are logged as eval/<name>."""
+        prompts = eval_prompts[self.accelerator.process_index::self.accelerator.num_processes]
+        rewards, correct, has_ref, lengths, eos = [], [], [], [], []
+        chunk = self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE
+        for start in range(0, len(prompts), chunk):
+            batch = prompts[start:start + chunk]
+            generation = self.generate_response(batch, do_sample=not self.cfg.EVAL_GREEDY)
+            rewards.append(torch.as_tensor(self.compute_rewards(batch, generation.responses),
+                                           dtype=torch.float32).reshape(-1).to(self.device))
+            batch_correct, batch_has_ref = self.reference_matches(batch, generation.responses)
+            correct.append(batch_correct)
+            has_ref.append(batch_has_ref)
+            lengths.append(generation.response_mask.sum(1).float())
+            eos.append(generation.has_eos.float())
+            if start == 0:
+                self.eval_samples = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in
+                                     zip(batch, generation.responses, rewards[0])][:self.cfg.NUM_SAMPLES_TO_LOG]
+        rewards, correct, has_ref = torch.cat(rewards), torch.cat(correct), torch.cat(has_ref)
+        eval_metrics = {"reward": rewards.mean().item(), "response_length": torch.cat(lengths).mean().item(),
+                        "eos_rate": torch.cat(eos).mean().item()}
+        if has_ref.any():
+            eval_metrics["accuracy"] = masked_mean(correct, has_ref).item()
+        return eval_metrics
+
+    def run_evaluation(self, eval_prompts: List[str]) -> Dict[str, float]:
+        """evaluate(), averaged over processes, keys prefixed with eval/, samples logged."""
+        start = time.perf_counter()
+        self.eval_samples: List[dict] = []
+        metrics = self.evaluate(eval_prompts)
+        metrics = self._reduce_metrics({k if k.startswith("eval/") else f"eval/{k}": v for k, v in metrics.items()})
+        metrics["time/eval"] = time.perf_counter() - start
+        self.state.last_eval_step = self.state.global_step
+        summary = " ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/"))
+        logger.info(f"eval at step {self.state.global_step}: {summary}")
+        for sample in self.eval_samples:
+            logger.info(f"  prompt: {sample['prompt']!r}\n  response: {sample['response']!r}\n"
+                        f"  reward: {sample['reward']:.3f}")
+        if self.is_main and self.eval_samples:
+            with open(self.output_dir / "logs" / "samples.jsonl", "a", encoding="utf-8") as f:
+                for sample in self.eval_samples:
+                    f.write(json.dumps({"step": self.state.global_step, **sample}, ensure_ascii=False) + "\n")
+        return metrics
+
+    def track_eval_metric(self, metrics: Dict[str, float]) -> bool:
+        """Early stopping and the "plateau" schedule on EARLY_STOPPING_METRIC; keeps the best policy in
+        OUTPUT_DIR/best when early stopping is on. Returns True when the run should stop."""
+        cfg, s = self.cfg, self.state
+        name = cfg.EARLY_STOPPING_METRIC
+        if name not in metrics:
+            raise ConfigError(f"EARLY_STOPPING_METRIC = {name!r} is not an evaluation metric; available: "
+                              f"{sorted(k for k in metrics if k.startswith('eval/'))}.")
+        value = metrics[name]
+        improved = s.best_metric is None or value > s.best_metric + cfg.EARLY_STOPPING_MIN_DELTA
+        if improved:
+            s.best_metric, s.best_step, s.evals_without_improvement, s.plateau_bad_evals = value, s.global_step, 0, 0
+            if cfg.EARLY_STOPPING_PATIENCE:
+                self.save_policy(self.output_dir / "best")
+        else:
+            s.evals_without_improvement += 1
+            s.plateau_bad_evals += 1
+        if cfg.USE_LR_SCHEDULER and cfg.LR_SCHEDULER_TYPE == "plateau" and s.plateau_bad_evals >= cfg.PLATEAU_PATIENCE:
+            s.lr_scale *= cfg.PLATEAU_FACTOR
+            s.plateau_bad_evals = 0
+            logger.info(f"{name} has not improved for {cfg.PLATEAU_PATIENCE} evaluations: learning rates x "
+                        f"{cfg.PLATEAU_FACTOR} (now x {s.lr_scale:.4g} of the base)")
+        stop = bool(cfg.EARLY_STOPPING_PATIENCE) and s.evals_without_improvement >= cfg.EARLY_STOPPING_PATIENCE
+        if stop:
+            logger.info(f"Early stopping: {name} has not improved for {s.evals_without_improvement} evaluations; "
+                        f"best {s.best_metric:.4g} at step {s.best_step} (policy in {self.output_dir / 'best'})")
+        return stop
+
+    # -- the training loop ----------------------------------------------------------------------
+    def train(self, train_prompts: Optional[List[str]] = None, eval_prompts: Optional[List[str]] = None) -> str:
+        """Train until NUM_EPOCHES, MAX_STEPS or early stopping. Returns why it stopped."""
+        if train_prompts is None:
+            train_prompts, eval_prompts, references = load_data(self.cfg)
+            self.references.update(references)
+        eval_prompts = list(eval_prompts or [])
+        self.prepare_prompts(list(train_prompts) + eval_prompts)
+        self.plan = self.make_plan(len(train_prompts))
+        self._start_outputs()
+        handlers = self._install_signal_handlers()
+        try:
+            if self.state.global_step == 0 and self.state.last_eval_step < 0 and eval_prompts:
+                self._log_row(self.run_evaluation(eval_prompts))
+            reason = self._train_loop(train_prompts, eval_prompts)
+        except StepDropped:
+            reason = "interrupted"
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+        if self.state.global_step > 0 and not self._checkpoint_path(self.state.global_step).exists():
+            self.save_checkpoint()
+        self.finish_outputs()
+        if reason == "interrupted":
+            raise TrainingInterrupted(self.signal_received, self._checkpoint_path(self.state.global_step))
+        logger.info(f"Training finished ({reason}) at step {self.state.global_step}. Outputs: {self.output_dir}")
+        return reason
+
+    def _train_loop(self, train_prompts: List[str], eval_prompts: List[str]) -> str:
+        cfg, plan, s = self.cfg, self.plan, self.state
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        for epoch in range(s.epoch, cfg.NUM_EPOCHES):
+            s.epoch = epoch
+            order = epoch_order(len(train_prompts), cfg.SEED, epoch)
+            with tqdm(total=plan.steps_per_epoch, initial=math.ceil(s.position / plan.prompts_per_step),
+                      desc=f"Epoch {epoch + 1}/{cfg.NUM_EPOCHES}", disable=not self.is_main, dynamic_ncols=True,
+                      bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]") as bar:
+                while s.position < len(train_prompts):
+                    if s.global_step >= plan.total_steps:
+                        return "max_steps"
+                    batch = [train_prompts[i] for i in order[s.position:s.position + plan.prompts_per_step]]
+                    metrics = self.train_step(batch[rank::world])
+                    s.position += len(batch)
+                    s.global_step += 1
+                    bar.update(1)
+                    reason = self._after_step(metrics, eval_prompts, bar)
+                    if reason:
+                        return reason
+            s.epoch, s.position = epoch + 1, 0
+        return "completed"
+
+    def _after_step(self, metrics: Dict[str, float], eval_prompts: List[str], bar) -> Optional[str]:
+        """Evaluate, log, save, and decide whether to stop, after PPO step s.global_step."""
+        cfg, s = self.cfg, self.state
+        last = s.global_step >= self.plan.total_steps
+        stop = False
+        if eval_prompts and self.signal_received is None and (
+                last or (cfg.EVAL_EVERY_N_STEPS and s.global_step % cfg.EVAL_EVERY_N_STEPS == 0)):
+            eval_metrics = self.run_evaluation(eval_prompts)
+            metrics.update(eval_metrics)
+            stop = self.track_eval_metric(eval_metrics)
+        self._log_row(metrics)
+        bar.set_description_str(f"Epoch {s.epoch + 1}/{cfg.NUM_EPOCHES}: {progress_postfix(metrics)}")
+        if metrics["objective/kl"] < -0.1 and cfg.KL_ESTIMATOR == "k1" and not getattr(self, "_warned_kl", False):
+            self._warned_kl = True
+            logger.warning(f"Mean KL is negative ({metrics['objective/kl']:.3f}): responses are not sampled from "
+                           "the policy itself (filtered sampling, a changed generate, or a temperature mismatch).")
+        if (cfg.SAVE_EVERY_N_STEPS and s.global_step % cfg.SAVE_EVERY_N_STEPS == 0) or stop:
+            self.save_checkpoint()
+        if self.signal_received is not None:
+            return "interrupted"
+        return "early_stopping" if stop else None
+
+    def _log_row(self, metrics: Dict[str, float]) -> None:
+        """One row of logs/metrics.jsonl (and wandb) per step: the step's metrics and its evaluation."""
+        s = self.state
+        row = {"step": s.global_step, "epoch": s.epoch + (s.position / self.plan.prompts if self.plan else 0.0),
+               **metrics}
+        s.history.append(json_safe(row))
+        if self.is_main:
+            self.metrics_file.write(json.dumps(json_safe(row), ensure_ascii=False) + "\n")
+            self.metrics_file.flush()
+            if self.wandb_run is not None:
+                self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=s.global_step)
+
+    # -- outputs --------------------------------------------------------------------------------
+    def _start_outputs(self) -> None:
+        """training_config.json, logs/metrics.jsonl (cut back to the resumed step), wandb."""
+        self.wandb_run = None
+        if not self.is_main:
+            return
+        (self.output_dir / "training_config.json").write_text(json.dumps(self.cfg, indent=2, ensure_ascii=False))
+        metrics_path = self.output_dir / "logs" / "metrics.jsonl"
+        truncate_metrics(metrics_path, self.state.global_step if self.checkpoint else -1)
+        self.metrics_file = open(metrics_path, "a", encoding="utf-8")
+        logger.info(f"Log: {self.log_path}; metrics: {metrics_path}")
+        if self.cfg.USE_WANDB:
+            self.wandb_run = start_wandb(self.cfg, self.output_dir, resuming=self.checkpoint is not None)
+
+    def finish_outputs(self) -> None:
+        """Flush and close the metrics, finish wandb, draw the charts."""
+        if not self.is_main:
+            return
+        self.metrics_file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        try:
+            for path in plot_metrics(self.state.history, self.output_dir):
+                logger.info(f"Chart: {path}")
+        except Exception as e:                     # a chart must never cost the run its checkpoint or exit status
+            logger.warning(f"Could not draw the charts: {type(e).__name__}: {e}")
+
+    def _install_signal_handlers(self) -> dict:
+        """First SIGINT / SIGTERM: finish (or drop) the step in flight, save, exit. Second: exit at once."""
+        def handler(signum, frame):
+            if self.signal_received is not None:
+                raise KeyboardInterrupt
+            self.signal_received = signum
+            logger.warning(f"Received {signal.Signals(signum).name}: stopping after the step in flight and saving a "
+                           "checkpoint. Press Ctrl-C again to exit at once (no checkpoint of this step).")
+        if sys.modules["threading"].current_thread() is not sys.modules["threading"].main_thread():
+            return {}
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    # -- checkpoints (section 9 holds the file format) -------------------------------------------
+    def _checkpoint_path(self, step: int) -> Path:
+        return self.output_dir / "checkpoints" / f"step_{step}"
+
+    def save_policy(self, folder: Path) -> None:
+        """Policy and tokenizer in Hugging Face format, written atomically (used for best/)."""
+        if self.is_main:
+            write_atomically(folder, lambda tmp: self._write_model(self.policy, tmp, self.tokenizer))
+        self.accelerator.wait_for_everyone()
+
+    def _write_model(self, model: nn.Module, folder: Path, tokenizer) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    def save_checkpoint(self) -> Path:
+        """OUTPUT_DIR/checkpoints/step_N/{policy/, critic/, training_state.pt, config.json}, complete or absent."""
+        path = self._checkpoint_path(self.state.global_step)
+        rng = self.accelerator.gather_for_metrics([rng_state()], use_gather_object=True) \
+            if self.accelerator.num_processes > 1 else [rng_state()]
+        if self.is_main and not path.exists():
+            state = {"format": 1, "state": dataclasses.asdict(self.state), "optimizer": self.optimizer.state_dict(),
+                     "rng": rng}
+
+            def write(tmp: Path) -> None:
+                self._write_model(self.policy, tmp / "policy", self.tokenizer)
+                self._write_model(self.critic, tmp / "critic", self.reward_tokenizer)
+                torch.save(state, tmp / "training_state.pt")
+                (tmp / "config.json").write_text(json.dumps(self.cfg, indent=2, ensure_ascii=False))
+            write_atomically(path, write)
+            logger.info(f"Checkpoint saved: {path}")
+            rotate_checkpoints(self.output_dir / "checkpoints", self.cfg.SAVE_TOTAL_LIMIT,
+                               keep=self.state.best_step if self.cfg.EARLY_STOPPING_PATIENCE else None)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _restore(self, saved: dict) -> None:
+        """Continue from a checkpoint's training_state.pt (its weights were loaded with the models)."""
+        self.state = TrainState(**saved["state"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        rng = saved["rng"]
+        set_rng_state(rng[self.accelerator.process_index] if len(rng) > self.accelerator.process_index else rng[0])
+        logger.info(f"Resumed from {self.checkpoint}: step {self.state.global_step}, epoch {self.state.epoch + 1}, "
+                    f"{self.state.position} prompts into it")
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Checkpoint files: atomic writes, discovery, rotation, loading without running code
+# ---------------------------------------------------------------------------------------------
+CHECKPOINT_FILES = ("policy/config.json", "critic/config.json", "training_state.pt", "config.json")
+CHECKPOINT_HELP = ("Check: 1. the checkpoint path is right; 2. training_state.pt exists in it; "
+                   "3. the model architecture matches the checkpoint (ACTOR_MODEL, CRITIC_MODEL).")
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")) + [folder]:
+        fsync_path(path)
+
+
+def write_atomically(final: Path, write) -> None:
+    """write(tmp) into a temporary sibling folder, flush it to disk, then rename it to `final`: a crash
+    leaves either the old state or the complete new one, never a half-written folder under that name."""
+    tmp = final.parent / f".tmp_{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)                          # a leftover of an interrupted save of ours
+    tmp.mkdir(parents=True)
+    write(tmp)
+    fsync_tree(tmp)
+    old = final.parent / f".old_{final.name}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_path(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def list_checkpoints(output_dir) -> List[Tuple[int, Path]]:
+    """Complete checkpoints under OUTPUT_DIR/checkpoints, oldest first by step number."""
+    root = Path(output_dir) / "checkpoints"
+    found = []
+    for path in root.glob("step_*") if root.is_dir() else []:
+        if path.name[5:].isdigit() and all((path / f).exists() for f in CHECKPOINT_FILES):
+            found.append((int(path.name[5:]), path))
+    return sorted(found)
+
+
+def rotate_checkpoints(root: Path, limit: int, keep: Optional[int]) -> None:
+    """Keep the newest `limit` checkpoints (and step `keep`); called only after a new one is complete."""
+    if not limit:
+        return
+    checkpoints = list_checkpoints(root.parent)
+    for step, path in checkpoints[:-limit]:
+        if step != keep:
+            shutil.rmtree(path)
+            logger.info(f"Removed old checkpoint {path} (SAVE_TOTAL_LIMIT = {limit})")
+
+
+def load_checkpoint_state(path: Path, cfg: Config) -> dict:
+    """Check a checkpoint folder and compare its settings; returns its training_state.pt (tensors only)."""
+    missing = [f for f in CHECKPOINT_FILES if not (path / f).exists()]
+    if not path.is_dir() or missing:
+        what = "does not exist" if not path.is_dir() else f"is incomplete (missing {', '.join(missing)})"
+        raise ConfigError(f"Checkpoint {path} {what}. {CHECKPOINT_HELP}")
+    try:
+        saved = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+        saved_cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except Exception as e:
+        raise ConfigError(f"Checkpoint {path}: cannot read training_state.pt / config.json "
+                          f"({type(e).__name__}: {str(e).splitlines()[0]}). {CHECKPOINT_HELP}") from None
+    changed = [k for k in CONFIG_KEYS if k in saved_cfg and saved_cfg[k] != cfg[k] and k not in ("RESUME",)]
+    models = [k for k in changed if k in MODEL_KEYS and resolve_path(str(saved_cfg[k])) != resolve_path(str(cfg[k]))]
+    if models:
+        raise ConfigError(f"Checkpoint {path} was trained with other models: " + "; ".join(
+            f"{k} was {saved_cfg[k]!r}, now {cfg[k]!r}" for k in models) + ". Resume with the same models, or set "
+            "RESUME = 'no' to start a new run.")
+    for k in changed:
+        if k not in MODEL_KEYS:
+            logger.warning(f"Resuming with a changed setting: {k} was {saved_cfg[k]!r}, now {cfg[k]!r}")
+    return saved
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume keep exactly the rows up to the checkpoint's step (dropping those the interrupted run wrote
+    after it, and a torn last line); on a fresh start (last_step < 0) keep the file as it is."""
+    if last_step < 0 or not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", math.inf) <= last_step:
+            kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Logging, metrics and charts
+# ---------------------------------------------------------------------------------------------
+class TqdmLoggingHandler(logging.Handler):
+    """Echo log lines to the terminal without breaking the progress bar."""
+
+    def emit(self, record):
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_logging(output_dir: Path, is_main: bool) -> Optional[Path]:
+    """OUTPUT_DIR/logs/training_YYYYmmdd_HHMMSS.log plus the terminal, on the main process only."""
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.ERROR)
+    console = TqdmLoggingHandler()
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(console)
+    if not is_main:
+        return None
+    logs = output_dir / "logs"
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        path = logs / f"training_{time.strftime('%Y%m%d_%H%M%S')}.log"
+        file_handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"OUTPUT_DIR = {str(output_dir)!r} is not writable ({e.strerror}); choose another "
+                          "folder or fix its permissions.") from None
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(file_handler)
+    return path
+
+
+def progress_postfix(metrics: Dict[str, float]) -> str:
+    """The guide's terminal line: PL:0.3245 VL:0.1234 R:1.56 A:0.23 E:0.678 LR:1.00e-06"""
+    return (f"PL:{metrics['ppo/loss/policy']:.4f} VL:{metrics['ppo/loss/value']:.4f} "
+            f"R:{metrics['objective/score']:.2f} A:{metrics['ppo/advantages_mean']:.2f} "
+            f"E:{metrics['objective/entropy']:.3f} LR:{metrics['lr/policy']:.2e}")
+
+
+def json_safe(value):
+    """NaN / inf -> null, so that every line of metrics.jsonl is valid JSON for jq."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return value
+
+
+def start_wandb(cfg: Config, output_dir: Path, resuming: bool):
+    """A wandb run whose id is kept in OUTPUT_DIR, so a resumed training continues the same run."""
+    try:
+        import wandb
+    except ImportError:
+        logger.warning("USE_WANDB = True but the wandb package is not installed (pip install wandb); "
+                       "continuing without it.")
+        return None
+    id_file = output_dir / "wandb_run_id.txt"
+    run_id = id_file.read_text().strip() if resuming and id_file.exists() else wandb.util.generate_id()
+    try:
+        run = wandb.init(project=cfg.WANDB_PROJECT, entity=cfg.WANDB_ENTITY, id=run_id, resume="allow",
+                         name=cfg.WANDB_RUN_NAME or output_dir.name, config=dict(cfg), dir=str(output_dir))
+    except Exception as e:
+        logger.warning(f"wandb could not start ({type(e).__name__}: {str(e).splitlines()[0]}); run `wandb login` "
+                       "or set WANDB_MODE=offline. Continuing without it.")
+        return None
+    id_file.write_text(run_id)
+    return run
+
+
+def plot_metrics(history: List[dict], output_dir: Path) -> List[Path]:
+    """training_metrics_detailed.png (every metric) and ppo_metrics_with_entropy.png (PPO health)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in history if isinstance(r, dict) and "step" in r]
+    names = sorted({k for r in rows for k, v in r.items() if k not in ("step", "epoch") and isinstance(v, (int, float))})
+    health = ["ppo/loss/policy", "ppo/loss/value", "objective/score", "objective/kl", "objective/entropy",
+              "ppo/policy/clipfrac", "ppo/val/clipfrac", "ppo/policy/approx_kl", "ppo/val/explained_variance",
+              "eval/reward", "eval/accuracy"]
+    outputs = []
+    for filename, keys in (("training_metrics_detailed.png", names),
+                           ("ppo_metrics_with_entropy.png", [k for k in health if k in names])):
+        if not keys:
+            continue
+        cols = 3 if len(keys) > 4 else len(keys)
+        nrows = math.ceil(len(keys) / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.2 * nrows), squeeze=False)
+        for ax, key in zip(axes.flat, keys):
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            steps, values = zip(*points) if points else ((), ())
+            ax.plot(steps, values, marker="o" if key.startswith("eval/") else None, markersize=3, linewidth=1)
+            ax.set_title(key, fontsize=10)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(keys):]:
+            ax.axis("off")
+        fig.tight_layout()
+        path = Path(output_dir) / filename
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        outputs.append(path)
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Entry point
+# ---------------------------------------------------------------------------------------------
+def load_data(cfg: Config) -> Tuple[List[str], List[str], Dict[str, str]]:
+    """(train prompts, eval prompts, {prompt: reference}) from TRAIN_DATASETS and EVAL_DATASETS."""
+    train_prompts, train_refs = load_prompts(cfg.TRAIN_DATASETS, cfg.MAX_TRAIN_SAMPLES, "TRAIN_DATASETS")
+    eval_prompts, eval_refs = load_prompts(cfg.EVAL_DATASETS, cfg.MAX_EVAL_SAMPLES, "EVAL_DATASETS")
+    return train_prompts, eval_prompts, {**train_refs, **eval_refs}
+
+
+def ask_yes_no(question: str) -> Optional[bool]:
+    """y / n at a terminal; anything else asks again; None on end of input."""
+    while True:
+        try:
+            answer = input(question).strip().lower()
+        except EOFError:
+            return None
+        if answer in ("y", "yes"):
+            return True
+        if answer in ("n", "no"):
+            return False
+
+
+def choose_resume(cfg: Config) -> Tuple[Optional[str], Config, str]:
+    """(checkpoint to resume or None, settings (a new OUTPUT_DIR when the user starts over), note for the log)."""
+    if cfg.RESUME not in ("ask", "yes", "no"):
+        return cfg.RESUME, cfg, f"Resuming from {cfg.RESUME} (RESUME)"
+    checkpoints = list_checkpoints(cfg.OUTPUT_DIR)
+    if cfg.RESUME == "no" or not checkpoints:
+        return None, cfg, ""
+    latest = checkpoints[-1][1]
+    if cfg.RESUME == "yes":
+        return str(latest), cfg, f"Resuming from {latest} (RESUME = 'yes')"
+    if not sys.stdin or not sys.stdin.isatty():
+        return str(latest), cfg, f"Found {latest}; no terminal to ask, so resuming from it (RESUME = 'ask')"
+    print(f"发现检查点: checkpoints/{latest.name}\nFound checkpoint: {latest}")
+    answer = ask_yes_no("是否从检查点恢复训练？(y/n): ")
+    if answer is None:
+        return str(latest), cfg, f"Found {latest}; no answer (end of input), so resuming from it"
+    if answer:
+        return str(latest), cfg, f"Resuming from {latest}"
+    fresh = f"{cfg.OUTPUT_DIR.rstrip('/')}_{time.strftime('%Y%m%d_%H%M%S')}"
+    return None, Config({**cfg, "OUTPUT_DIR": fresh}), (
+        f"Starting a new run in {fresh}; the checkpoints in {cfg.OUTPUT_DIR} are left untouched")
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python ppo.py [run.json|run.yaml] [--NAME=value ...]` or `python ppo.py --plot OUTPUT_DIR`. Returns
+    the exit status: 0 done, 1 training error, 2 bad settings or input, 130 / 143 interrupted."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv[:1] == ["--plot"]:
+            return plot_run(argv[1:])
+        cfg = parse_args(argv)
+        validate_config(cfg)
+        train_prompts, eval_prompts, references = load_data(cfg)
+        # The guide's debug scenario may cut them here: train_prompts = train_prompts[:5]
+        resume, cfg, note = choose_resume(cfg)
+        trainer = PPOTrainer(resume_from_checkpoint=resume, **cfg)
+        if note:
+            logger.info(note)
+        trainer.references.update(references)
+        trainer.train(train_prompts, eval_prompts)
+        return 0
+    except ConfigError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        logger.error(str(e)) if logger.handlers else print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as e:
+        print(f"Interrupted by {signal.Signals(e.signum).name}; checkpoint: {e.checkpoint}. Run again to resume.",
+              file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("Interrupted; nothing of the step in flight was saved. Run again to resume from the last checkpoint.",
+              file=sys.stderr)
+        return 130
+    except torch.OutOfMemoryError:
+        print("Error: CUDA out of memory. Try BATCH_SIZE = 1, GRADIENT_ACCUMULATION_STEPS = 4 or more, "
+              "GROUP_SIZE = 1, and a smaller MAX_NEW_TOKENS.", file=sys.stderr)
+        return 1
+
+
+def plot_run(args: List[str]) -> int:
+    if len(args) != 1:
+        raise ConfigError("Usage: python ppo.py --plot OUTPUT_DIR")
+    metrics = Path(args[0]) / "logs" / "metrics.jsonl"
+    if not metrics.exists():
+        raise ConfigError(f"{metrics} does not exist: --plot needs the OUTPUT_DIR of a run.")
+    rows = []
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    for path in plot_metrics(rows, Path(args[0])):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())
