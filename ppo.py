@@ -344,13 +344,14 @@ class _LogprobsAndEntropy(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            log_p = torch.log_softmax(logits[rows].float() / ctx.temperature, dim=-1)   # (rows, V)
-            p = log_p.exp()
+            grad = torch.log_softmax(logits[rows].float() / ctx.temperature, dim=-1)   # (rows, V), log p
+            p = grad.exp()
             g_lp = grad_logprobs[rows, None] if grad_logprobs is not None else torch.zeros_like(p[:, :1])
-            scale = g_lp.expand_as(p).clone()
-            if grad_entropy is not None:
-                scale += grad_entropy[rows, None] * (log_p + entropy[rows, None])
-            grad = -p * scale
+            if grad_entropy is not None:                 # in place: -p * (g_lp + g_H * (log p + H))
+                grad.add_(entropy[rows, None]).mul_(grad_entropy[rows, None]).add_(g_lp)
+            else:
+                grad.copy_(g_lp.expand_as(grad))
+            grad.mul_(p).neg_()
             grad.scatter_add_(1, tokens[rows, None], g_lp)
             grad_logits[rows] = (grad / ctx.temperature).to(logits.dtype)
         return grad_logits, None, None, None
@@ -359,7 +360,7 @@ class _LogprobsAndEntropy(torch.autograd.Function):
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
     """logits (B, T, V) of any float dtype, tokens (B, T) -> (log pi(token) (B, T), entropy (B, T)), float32."""
     batch, length, vocab = logits.shape
-    chunk_rows = max(1, (1 << 26) // vocab)       # ~256 MB of float32 temporaries per chunk
+    chunk_rows = max(1, (1 << 24) // vocab)       # 64 MB per float32 temporary; two or three alive at once
     logprobs, entropy = _LogprobsAndEntropy.apply(
         logits.reshape(batch * length, vocab), tokens.reshape(-1), float(temperature), chunk_rows)
     return logprobs.view(batch, length), entropy.view(batch, length)
@@ -416,7 +417,7 @@ def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_range: float):
 
 def clipped_value_loss(values, old_values, returns, clip_range_value: float):
     """0.5 * max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2) per token -> (loss, clipped)."""
-    values_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    values_clipped = torch.clamp(values, old_values - clip_range_value, old_values + clip_range_value)
     vf_loss1 = (values - returns) ** 2
     vf_loss2 = (values_clipped - returns) ** 2
     return 0.5 * torch.max(vf_loss1, vf_loss2), vf_loss2 > vf_loss1
@@ -1828,7 +1829,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         print("Interrupted; nothing of the step in flight was saved. Run again to resume from the last checkpoint.",
               file=sys.stderr)
         return 130
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         print("Error: CUDA out of memory. Try BATCH_SIZE = 1, GRADIENT_ACCUMULATION_STEPS = 4 or more, "
               "GROUP_SIZE = 1, and a smaller MAX_NEW_TOKENS.", file=sys.stderr)
         return 1

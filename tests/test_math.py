@@ -1,0 +1,743 @@
+"""Tests of the pure PPO math of ppo.py (section "4. PPO math").
+
+Every shipped function is compared with a slow reference written here from the formula it
+implements (plain Python loops over sequences and tokens, the math / statistics modules, or
+per-element torch ops in float64), never with a copy of the shipped code or numbers it produced.
+Inputs are small and random, drawn from fixed torch.Generators, so every run sees the same data.
+
+    python -m pytest -q tests/test_math.py
+"""
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ppo  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def prefix_mask(lengths, width: int) -> torch.Tensor:
+    """(B, width) bool: row b is lengths[b] True followed by False (right padding)."""
+    return torch.tensor([[t < n for t in range(width)] for n in lengths])
+
+
+def random_lengths(g: torch.Generator, batch: int, width: int):
+    """Lengths in [1, width] that always include a length-1 row and a full-length row."""
+    lengths = torch.randint(1, width + 1, (batch,), generator=g).tolist()
+    lengths[0] = 1
+    if batch > 1:
+        lengths[-1] = width
+    return lengths
+
+
+def fill_padding(x: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """x with its padding positions replaced by garbage: huge numbers, inf, -inf and NaN."""
+    garbage = torch.randn(x.shape, generator=g, dtype=torch.float64) * 1e6
+    garbage.view(-1)[0::4] = float("nan")
+    garbage.view(-1)[1::4] = float("inf")
+    garbage.view(-1)[2::4] = float("-inf")
+    return torch.where(mask, x, garbage.to(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# compute_gae
+# ---------------------------------------------------------------------------------------------
+def gae_reference(rewards, values, lengths, gamma, lam):
+    """Backwards loop over each sequence's real tokens only; V after the last real token is 0."""
+    batch, width = len(rewards), len(rewards[0])
+    adv = [[0.0] * width for _ in range(batch)]
+    ret = [[0.0] * width for _ in range(batch)]
+    for b in range(batch):
+        n = lengths[b]
+        running = 0.0
+        for t in reversed(range(n)):
+            next_value = values[b][t + 1] if t + 1 < n else 0.0
+            delta = rewards[b][t] + gamma * next_value - values[b][t]
+            running = delta + gamma * lam * running
+            adv[b][t] = running
+            ret[b][t] = running + values[b][t]
+    return adv, ret
+
+
+GAE_PARAMS = [(1.0, 0.95), (0.99, 1.0), (0.9, 0.0), (1.0, 1.0), (0.95, 0.5)]
+GAE_SHAPES = [(1, 1), (2, 1), (3, 4), (5, 9), (6, 16)]
+
+
+@pytest.mark.parametrize("gamma,lam", GAE_PARAMS)
+@pytest.mark.parametrize("batch,width", GAE_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compute_gae_matches_per_sequence_loop(gamma, lam, batch, width, dtype):
+    """Advantages and returns = A + V equal the per-sequence backwards recursion on real tokens
+    (bootstrap V = 0 after the last one) and are exactly 0 on padding."""
+    g = gen(1000 + 7 * batch + width)
+    lengths = random_lengths(g, batch, width)
+    mask = prefix_mask(lengths, width)
+    rewards = torch.randn(batch, width, generator=g, dtype=dtype)
+    values = torch.randn(batch, width, generator=g, dtype=dtype)
+
+    adv, ret = ppo.compute_gae(rewards, values, mask, gamma, lam)
+
+    ref_adv, ref_ret = gae_reference(rewards.double().tolist(), values.double().tolist(), lengths, gamma, lam)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert adv.shape == ret.shape == (batch, width)
+    assert_close(adv.double(), torch.tensor(ref_adv, dtype=torch.float64), **tol)
+    assert_close(ret.double(), torch.tensor(ref_ret, dtype=torch.float64), **tol)
+    assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
+
+
+def test_compute_gae_single_token_and_no_discount_cases():
+    """Hand-derivable cases: a length-1 sequence gets A = r - V; with gamma = lam = 1 the return at
+    every real token is the sum of the remaining rewards (the values cancel)."""
+    g = gen(1)
+    rewards = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    values = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    mask = prefix_mask([1, 4], 5)
+    adv, ret = ppo.compute_gae(rewards, values, mask, 1.0, 1.0)
+    assert_close(adv[0, 0], rewards[0, 0] - values[0, 0])
+    for t in range(4):
+        assert_close(ret[1, t], sum(rewards[1, s] for s in range(t, 4)))
+
+
+@pytest.mark.parametrize("gamma,lam", GAE_PARAMS)
+def test_compute_gae_ignores_padding_contents(gamma, lam):
+    """Whatever rewards / values hold on padding (huge numbers, inf, NaN) the result is unchanged."""
+    g = gen(2)
+    batch, width = 6, 11
+    lengths = random_lengths(g, batch, width)
+    mask = prefix_mask(lengths, width)
+    rewards = torch.randn(batch, width, generator=g, dtype=torch.float64)
+    values = torch.randn(batch, width, generator=g, dtype=torch.float64)
+    clean = ppo.compute_gae(torch.where(mask, rewards, 0.0), torch.where(mask, values, 0.0), mask, gamma, lam)
+    dirty = ppo.compute_gae(fill_padding(rewards, mask, g), fill_padding(values, mask, g), mask, gamma, lam)
+    assert_close(dirty[0], clean[0], rtol=0, atol=0)
+    assert_close(dirty[1], clean[1], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# clipped_policy_loss
+# ---------------------------------------------------------------------------------------------
+def policy_reference(logprob, old_logprob, advantage, eps):
+    """(loss, clipped, d loss / d logprob) of one token, from the PPO-clip definition."""
+    ratio = math.exp(logprob - old_logprob)
+    loss = max(-advantage * ratio, -advantage * min(max(ratio, 1 - eps), 1 + eps))
+    # clipping binds when the ratio has left the trust region in the direction that helps:
+    clipped = (advantage > 0 and ratio > 1 + eps) or (advantage < 0 and ratio < 1 - eps)
+    grad = 0.0 if clipped else -advantage * ratio
+    return loss, clipped, grad
+
+
+def policy_inputs(seed, shape):
+    g = gen(seed)
+    old = torch.randn(shape, generator=g, dtype=torch.float64) * 2 - 3
+    logprobs = old + torch.randn(shape, generator=g, dtype=torch.float64) * 0.4
+    advantages = torch.randn(shape, generator=g, dtype=torch.float64)
+    flat_lp, flat_adv = logprobs.view(-1), advantages.view(-1)
+    flat_lp[::5] = old.view(-1)[::5]                       # ratio exactly 1
+    flat_adv[3::7] = 0.0                                   # zero advantage
+    return logprobs, old, advantages
+
+
+@pytest.mark.parametrize("clip_range", [0.1, 0.2, 0.3])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (4, 9), (8, 16)])
+def test_clipped_policy_loss_value_flags_and_gradient(clip_range, shape):
+    """loss = max(-A r, -A clip(r)); `clipped` marks where the clipped branch binds; d loss / d logp
+    is exactly 0 there and -A r everywhere else (inside the trust region, or outside it in the
+    direction where clipping does not bind)."""
+    logprobs, old, advantages = policy_inputs(10 + shape[0] * shape[1], shape)
+    leaf = logprobs.clone().requires_grad_(True)
+    loss, clipped = ppo.clipped_policy_loss(leaf, old, advantages, clip_range)
+    (grad,) = torch.autograd.grad(loss.sum(), leaf)
+
+    ref = [policy_reference(lp, o, a, clip_range)
+           for lp, o, a in zip(logprobs.view(-1).tolist(), old.view(-1).tolist(), advantages.view(-1).tolist())]
+    ref_loss = torch.tensor([r[0] for r in ref], dtype=torch.float64).view(shape)
+    ref_clipped = torch.tensor([r[1] for r in ref]).view(shape)
+    ref_grad = torch.tensor([r[2] for r in ref], dtype=torch.float64).view(shape)
+
+    assert clipped.dtype == torch.bool
+    assert_close(loss, ref_loss)
+    assert torch.equal(clipped, ref_clipped)
+    assert (grad[ref_clipped] == 0).all()
+    assert_close(grad, ref_grad)
+
+
+def test_clipped_policy_loss_inputs_cover_every_branch():
+    """The data of the test above reaches every case: ratio 1, inside the region, clipped, and
+    outside the region but unclipped (so the gradient assertions are not vacuous)."""
+    logprobs, old, advantages = policy_inputs(10 + 8 * 16, (8, 16))
+    eps = 0.2
+    kinds = set()
+    for lp, o, a in zip(logprobs.view(-1).tolist(), old.view(-1).tolist(), advantages.view(-1).tolist()):
+        r = math.exp(lp - o)
+        _, clipped, _ = policy_reference(lp, o, a, eps)
+        kinds.add("ratio1" if r == 1.0 else "clipped" if clipped
+                  else "inside" if 1 - eps <= r <= 1 + eps else "outside_unclipped")
+    assert kinds == {"ratio1", "clipped", "inside", "outside_unclipped"}
+
+
+def test_clipped_policy_loss_ratio_one_gradient_is_minus_advantage():
+    """At ratio exactly 1 (the first PPO epoch) the loss is -A and its gradient is exactly -A."""
+    g = gen(3)
+    old = torch.randn(4, 6, generator=g, dtype=torch.float64) - 2
+    advantages = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    leaf = old.clone().requires_grad_(True)
+    loss, clipped = ppo.clipped_policy_loss(leaf, old, advantages, 0.2)
+    (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    assert_close(loss, -advantages)
+    assert not clipped.any()
+    assert_close(grad, -advantages)
+
+
+# ---------------------------------------------------------------------------------------------
+# clipped_value_loss
+# ---------------------------------------------------------------------------------------------
+def value_reference(v, v_old, ret, eps):
+    """(loss, clipped, tie, d loss / d V) of one token: 0.5 max((V-R)^2, (clip(V, Vold-e, Vold+e)-R)^2)."""
+    v_clipped = min(max(v, v_old - eps), v_old + eps)
+    unclipped_sq, clipped_sq = (v - ret) ** 2, (v_clipped - ret) ** 2
+    clipped = clipped_sq > unclipped_sq
+    tie = v_clipped != v and clipped_sq == unclipped_sq        # subgradient: excluded from checks
+    grad = 0.0 if clipped else v - ret
+    return 0.5 * max(unclipped_sq, clipped_sq), clipped, tie, grad
+
+
+def grid(g, shape, low, high, denominator=16):
+    """Random dyadic numbers k / denominator: all the arithmetic below is exact in float64."""
+    return torch.randint(low, high, shape, generator=g).double() / denominator
+
+
+@pytest.mark.parametrize("clip_range_value", [0.25, 0.5, 0.2])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (6, 12)])
+def test_clipped_value_loss_value_flags_and_gradient(clip_range_value, shape):
+    """Loss value per element; `clipped` is set exactly where the clipped branch is strictly larger,
+    where d loss / d V is 0; everywhere else it is V - R."""
+    g = gen(20 + shape[0] * shape[1])
+    old = grid(g, shape, -48, 48)
+    values = old + grid(g, shape, -12, 13)
+    returns = grid(g, shape, -48, 48)
+    leaf = values.clone().requires_grad_(True)
+    loss, clipped = ppo.clipped_value_loss(leaf, old, returns, clip_range_value)
+    (grad,) = torch.autograd.grad(loss.sum(), leaf)
+
+    ref = [value_reference(v, o, r, clip_range_value)
+           for v, o, r in zip(values.view(-1).tolist(), old.view(-1).tolist(), returns.view(-1).tolist())]
+    ref_loss = torch.tensor([r[0] for r in ref], dtype=torch.float64).view(shape)
+    ref_clipped = torch.tensor([r[1] for r in ref]).view(shape)
+    tie = torch.tensor([r[2] for r in ref]).view(shape)
+    ref_grad = torch.tensor([r[3] for r in ref], dtype=torch.float64).view(shape)
+
+    assert_close(loss, ref_loss)
+    assert torch.equal(clipped, ref_clipped)
+    assert (grad[ref_clipped] == 0).all()
+    assert_close(grad[~tie], ref_grad[~tie])
+    if shape == (6, 12):                    # the data reaches both branches
+        assert ref_clipped.any() and (~ref_clipped & ((values - old).abs() > clip_range_value)).any()
+
+
+def test_clipped_value_loss_generic_floats():
+    """On arbitrary float32 data the loss matches the reference, and `clipped` agrees wherever the
+    two branches differ by more than rounding."""
+    g = gen(4)
+    shape = (16, 32)
+    old = torch.randn(shape, generator=g) * 3
+    values = old + torch.randn(shape, generator=g) * 0.3
+    returns = torch.randn(shape, generator=g) * 3
+    loss, clipped = ppo.clipped_value_loss(values, old, returns, 0.2)
+    ref = [value_reference(v, o, r, 0.2)
+           for v, o, r in zip(values.view(-1).tolist(), old.view(-1).tolist(), returns.view(-1).tolist())]
+    assert_close(loss, torch.tensor([r[0] for r in ref], dtype=torch.float32).view(shape), rtol=1e-5, atol=1e-5)
+    for (v, o, r), flag, (_, ref_flag, _, _) in zip(
+            zip(values.view(-1).tolist(), old.view(-1).tolist(), returns.view(-1).tolist()),
+            clipped.view(-1).tolist(), ref):
+        vc = min(max(v, o - 0.2), o + 0.2)
+        if abs((vc - r) ** 2 - (v - r) ** 2) > 1e-4:
+            assert flag == ref_flag
+
+
+# ---------------------------------------------------------------------------------------------
+# kl_penalty
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e-6, 0.1, 1.0, 10.0, 60.0])
+def test_kl_penalty_k3_nonnegative(dtype, scale):
+    """k3 >= 0 on every token, including tiny and very large log-ratio differences of both signs."""
+    g = gen(5)
+    logprobs = (torch.randn(64, 32, generator=g, dtype=torch.float64) - 3).to(dtype)
+    ref_logprobs = (logprobs.double() + torch.randn(64, 32, generator=g, dtype=torch.float64) * scale).to(dtype)
+    k3 = ppo.kl_penalty(logprobs, ref_logprobs, "k3")
+    assert not torch.isnan(k3).any()
+    assert (k3 >= 0).all()
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_penalty_zero_when_equal(estimator, dtype):
+    """Identical log-probabilities give exactly 0 for both estimators."""
+    logprobs = torch.randn(5, 7, generator=gen(6), dtype=dtype) - 2
+    out = ppo.kl_penalty(logprobs, logprobs.clone(), estimator)
+    assert (out == 0).all()
+
+
+def test_kl_penalty_matches_formulas_elementwise():
+    """k1 = logp - ref and k3 = exp(ref - logp) - 1 - (ref - logp), per element in float64."""
+    g = gen(7)
+    logprobs = torch.randn(6, 9, generator=g, dtype=torch.float64) - 3
+    ref_logprobs = logprobs + torch.randn(6, 9, generator=g, dtype=torch.float64) * 2
+    k1 = ppo.kl_penalty(logprobs, ref_logprobs, "k1")
+    k3 = ppo.kl_penalty(logprobs, ref_logprobs, "k3")
+    pairs = list(zip(logprobs.view(-1).tolist(), ref_logprobs.view(-1).tolist()))
+    assert_close(k1.view(-1), torch.tensor([lp - r for lp, r in pairs], dtype=torch.float64))
+    assert_close(k3.view(-1), torch.tensor([math.exp(r - lp) - 1 - (r - lp) for lp, r in pairs],
+                                           dtype=torch.float64))
+    assert ppo.kl_penalty(logprobs, ref_logprobs).equal(k1)          # "k1" is the default
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kl_penalty_monte_carlo_estimates_true_kl(estimator, seed):
+    """Averaged over tokens sampled from p, both estimators approach the exact KL(p || q) =
+    sum p log(p / q) (within 5 standard errors of the sample mean); k3's samples are never negative."""
+    g = gen(100 + seed)
+    vocab, n = 12, 200_000
+    p = torch.softmax(torch.randn(vocab, generator=g, dtype=torch.float64), 0)
+    q = torch.softmax(torch.randn(vocab, generator=g, dtype=torch.float64) * 1.5, 0)
+    exact = sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist()))
+    samples = torch.multinomial(p, n, replacement=True, generator=g)
+    per_sample = ppo.kl_penalty(p.log()[samples], q.log()[samples], estimator)
+    std_error = per_sample.std().item() / math.sqrt(n)
+    assert abs(per_sample.mean().item() - exact) < 5 * std_error
+    if estimator == "k3":
+        assert (per_sample >= 0).all()
+
+
+def test_kl_penalty_rejects_unknown_estimator():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError):
+        ppo.kl_penalty(x, x, "k2")
+
+
+# ---------------------------------------------------------------------------------------------
+# masked_mean, masked_var, masked_whiten
+# ---------------------------------------------------------------------------------------------
+def valid_entries(x: torch.Tensor, mask: torch.Tensor):
+    """The entries of x where mask is True, as a 1-D list of Python floats."""
+    return [v for v, m in zip(x.reshape(-1).tolist(), mask.reshape(-1).tolist()) if m]
+
+
+def moment_inputs(seed, shape):
+    g = gen(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5
+    mask = torch.rand(shape, generator=g) < 0.6
+    mask.view(-1)[0] = True
+    mask.view(-1)[-1] = True
+    return x, mask
+
+
+MOMENT_SHAPES = [(1, 2), (3, 4), (5, 17), (2, 3, 6)]
+
+
+@pytest.mark.parametrize("shape", MOMENT_SHAPES)
+def test_masked_mean_and_var_against_selected_entries(shape):
+    """masked_mean = mean of the valid entries; masked_var is Bessel-corrected by default and the
+    population variance with unbiased=False."""
+    x, mask = moment_inputs(30 + len(shape) * 10 + shape[-1], shape)
+    valid = valid_entries(x, mask)
+    assert_close(ppo.masked_mean(x, mask), torch.tensor(statistics.fmean(valid), dtype=torch.float64))
+    assert_close(ppo.masked_var(x, mask), torch.tensor(statistics.variance(valid), dtype=torch.float64))
+    assert_close(ppo.masked_var(x, mask, unbiased=False),
+                 torch.tensor(statistics.pvariance(valid), dtype=torch.float64))
+
+
+def test_masked_mean_along_a_dimension():
+    """masked_mean(dim=1) is the mean of each row's valid entries; a row with none gives 0, not NaN."""
+    g = gen(8)
+    x = torch.randn(5, 9, generator=g, dtype=torch.float64)
+    mask = torch.rand(5, 9, generator=g) < 0.5
+    mask[0, :] = False
+    mask[1, :] = True
+    mask[2, :] = False
+    mask[2, 4] = True
+    out = ppo.masked_mean(x, mask, dim=1)
+    expected = [statistics.fmean(valid_entries(x[b], mask[b])) if mask[b].any() else 0.0 for b in range(5)]
+    assert_close(out, torch.tensor(expected, dtype=torch.float64))
+
+
+def whiten_reference(x, mask, mean, var, shift_mean, eps=1e-8):
+    out = torch.zeros_like(x, dtype=torch.float64).view(-1)
+    for i, (v, m) in enumerate(zip(x.reshape(-1).tolist(), mask.reshape(-1).tolist())):
+        if m:
+            out[i] = (v - mean) / math.sqrt(var + eps) + (0.0 if shift_mean else mean)
+    return out.view(x.shape)
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+@pytest.mark.parametrize("shape", MOMENT_SHAPES)
+def test_masked_whiten_against_reference(shift_mean, shape):
+    """(x - mean) / sqrt(var + eps) over the valid entries (mean added back when shift_mean=False),
+    padding exactly 0; with shift_mean the valid entries end with mean 0 and unbiased variance ~1."""
+    x, mask = moment_inputs(40 + shape[-1], shape)
+    valid = valid_entries(x, mask)
+    out = ppo.masked_whiten(x, mask, shift_mean=shift_mean)
+    expected = whiten_reference(x, mask, statistics.fmean(valid), statistics.variance(valid), shift_mean)
+    assert_close(out, expected)
+    assert (out[~mask] == 0).all()
+    if shift_mean and len(valid) > 2:
+        whitened = valid_entries(out, mask)
+        assert abs(statistics.fmean(whitened)) < 1e-9
+        assert abs(statistics.variance(whitened) - 1) < 1e-6
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_masked_whiten_uses_given_mean_and_var(shift_mean):
+    """Explicit mean / var (e.g. gathered from all processes) replace the local moments."""
+    x, mask = moment_inputs(9, (4, 7))
+    mean, var = torch.tensor(0.75, dtype=torch.float64), torch.tensor(2.5, dtype=torch.float64)
+    out = ppo.masked_whiten(x, mask, mean, var, shift_mean=shift_mean)
+    assert_close(out, whiten_reference(x, mask, 0.75, 2.5, shift_mean))
+    local = ppo.masked_whiten(x, mask, shift_mean=shift_mean)
+    assert not torch.allclose(out, local)
+
+
+def test_nan_in_padding_does_not_leak():
+    """NaN / inf on padding changes none of masked_mean, masked_var, masked_whiten (whose padding
+    stays 0) nor explained_variance."""
+    x, mask = moment_inputs(11, (4, 9))
+    mask[0, 3] = False
+    dirty = fill_padding(x, mask, gen(12))
+    assert torch.isnan(dirty).any()
+    clean = torch.where(mask, x, 0.0)
+    assert_close(ppo.masked_mean(dirty, mask), ppo.masked_mean(clean, mask), rtol=0, atol=0)
+    assert_close(ppo.masked_mean(dirty, mask, dim=1), ppo.masked_mean(clean, mask, dim=1), rtol=0, atol=0)
+    assert_close(ppo.masked_var(dirty, mask), ppo.masked_var(clean, mask), rtol=0, atol=0)
+    for shift in (True, False):
+        out = ppo.masked_whiten(dirty, mask, shift_mean=shift)
+        assert_close(out, ppo.masked_whiten(clean, mask, shift_mean=shift), rtol=0, atol=0)
+        assert (out[~mask] == 0).all()
+    values = torch.randn(4, 9, generator=gen(13), dtype=torch.float64)
+    assert_close(ppo.explained_variance(fill_padding(values, mask, gen(14)), dirty, mask),
+                 ppo.explained_variance(torch.where(mask, values, 0.0), clean, mask), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# logprobs_and_entropy
+# ---------------------------------------------------------------------------------------------
+def reference_logprobs_entropy(logits64: torch.Tensor, tokens: torch.Tensor, temperature: float):
+    """Naive float64: log_softmax(logits / T) gathered at the tokens, and -(p log p).sum."""
+    log_p = torch.log_softmax(logits64 / temperature, dim=-1)
+    logprobs = log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return logprobs, entropy
+
+
+def reference_grad(logits, tokens, temperature, grad_lp, grad_ent):
+    """d/d logits of sum(grad_lp * logp) + sum(grad_ent * H) through the float64 reference
+    (a None upstream gradient means that output is unused)."""
+    leaf = logits.detach().double().requires_grad_(True)
+    lp, ent = reference_logprobs_entropy(leaf, tokens, temperature)
+    objective = sum((out * up.double()).sum() for out, up in ((lp, grad_lp), (ent, grad_ent)) if up is not None)
+    return torch.autograd.grad(objective, leaf)[0]
+
+
+def shipped_grad(logits, tokens, temperature, grad_lp, grad_ent, chunk_rows=None):
+    leaf = logits.detach().clone().requires_grad_(True)
+    if chunk_rows is None:
+        lp, ent = ppo.logprobs_and_entropy(leaf, tokens, temperature)
+    else:
+        lp, ent = ppo._LogprobsAndEntropy.apply(leaf, tokens, float(temperature), chunk_rows)
+    objective = sum((out * up).sum() for out, up in ((lp, grad_lp), (ent, grad_ent)) if up is not None)
+    return torch.autograd.grad(objective, leaf)[0]
+
+
+def grad_tolerance(dtype):
+    return dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-4)
+
+
+def lp_inputs(seed, shape, dtype):
+    g = gen(seed)
+    logits = (torch.randn(shape, generator=g) * 3).to(dtype)
+    tokens = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    grad_lp = torch.randn(shape[:-1], generator=g)
+    grad_ent = torch.randn(shape[:-1], generator=g)
+    return logits, tokens, grad_lp, grad_ent
+
+
+LP_SHAPES = [(1, 1, 2), (2, 3, 11), (3, 5, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("shape", LP_SHAPES)
+def test_logprobs_and_entropy_forward(dtype, temperature, shape):
+    """Outputs are float32 (B, T) and equal the float64 reference computed from the same (upcast)
+    logits; bf16 logits are upcast exactly, so the forward tolerance is tight for both dtypes."""
+    logits, tokens, _, _ = lp_inputs(50 + shape[-1], shape, dtype)
+    lp, ent = ppo.logprobs_and_entropy(logits, tokens, temperature)
+    ref_lp, ref_ent = reference_logprobs_entropy(logits.double(), tokens, temperature)
+    assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == shape[:-1]
+    assert_close(lp.double(), ref_lp, rtol=1e-5, atol=1e-5)
+    assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-5)
+    assert (ent >= -1e-6).all() and (ent <= math.log(shape[-1]) + 1e-5).all()
+
+
+@pytest.mark.parametrize("used", ["both", "logprobs", "entropy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("shape", LP_SHAPES)
+def test_logprobs_and_entropy_backward(used, dtype, temperature, shape):
+    """For random upstream gradients on both outputs, or on one with the other unused, the custom
+    backward equals autograd through the float64 reference; the gradient has the logits' dtype."""
+    logits, tokens, grad_lp, grad_ent = lp_inputs(60 + shape[-1], shape, dtype)
+    grad_lp = grad_lp if used in ("both", "logprobs") else None
+    grad_ent = grad_ent if used in ("both", "entropy") else None
+    got = shipped_grad(logits, tokens, temperature, grad_lp, grad_ent)
+    assert got.dtype == dtype
+    assert_close(got.double(), reference_grad(logits, tokens, temperature, grad_lp, grad_ent),
+                 **grad_tolerance(dtype))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 2, 3, 7, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_and_entropy_row_chunks(chunk_rows, dtype):
+    """The shipped autograd Function with a small chunk (rows not a multiple of it): forward and
+    backward agree with the reference on every row, so chunk boundaries lose and mix nothing."""
+    rows, vocab, temperature = 10, 33, 0.7
+    logits, tokens, grad_lp, grad_ent = lp_inputs(70 + chunk_rows, (rows, vocab), dtype)
+    lp, ent = ppo._LogprobsAndEntropy.apply(logits, tokens, temperature, chunk_rows)
+    ref_lp, ref_ent = reference_logprobs_entropy(logits.double(), tokens, temperature)
+    assert_close(lp.double(), ref_lp, rtol=1e-5, atol=1e-5)
+    assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-5)
+    got = shipped_grad(logits, tokens, temperature, grad_lp, grad_ent, chunk_rows=chunk_rows)
+    assert_close(got.double(), reference_grad(logits, tokens, temperature, grad_lp, grad_ent),
+                 **grad_tolerance(dtype))
+
+
+def test_logprobs_and_entropy_large_vocab_chunked():
+    """A vocabulary of 2**17 makes the public function split its 130 rows into chunks of
+    (1 << 24) // vocab = 128 rows; rows on both sides of the boundary (and a sample of the rest)
+    match the per-row float64 reference."""
+    vocab, batch, length, temperature = 1 << 17, 10, 13, 0.7
+    rows = batch * length
+    assert rows > (1 << 24) // vocab
+    g = gen(80)
+    logits = torch.randn(batch, length, vocab, generator=g, dtype=torch.bfloat16)
+    tokens = torch.randint(0, vocab, (batch, length), generator=g)
+    with torch.no_grad():
+        lp, ent = ppo.logprobs_and_entropy(logits, tokens, temperature)
+    flat_logits, flat_tokens = logits.view(rows, vocab), tokens.view(rows)
+    checked = sorted({0, 1, 126, 127, 128, 129} | set(torch.randint(0, rows, (10,), generator=g).tolist()))
+    for r in checked:
+        ref_lp, ref_ent = reference_logprobs_entropy(flat_logits[r].double(), flat_tokens[r], temperature)
+        assert_close(lp.view(rows)[r].double(), ref_lp, rtol=1e-5, atol=1e-4)
+        assert_close(ent.view(rows)[r].double(), ref_ent, rtol=1e-5, atol=1e-4)
+
+
+def test_logprobs_and_entropy_gradcheck():
+    """torch.autograd.gradcheck on float64 logits.  The outputs are float32 by design, so the
+    finite-difference step is 1e-3 (1e-6 would sit below float32 resolution)."""
+    g = gen(90)
+    logits = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 5, (2, 3), generator=g)
+    for temperature in (1.0, 0.7):
+        def fn(x):
+            return tuple(out.double() for out in ppo.logprobs_and_entropy(x, tokens, temperature))
+        assert torch.autograd.gradcheck(fn, (logits,), eps=1e-3, atol=1e-3, rtol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# shape_rewards
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kl_coef", [0.0, 0.05, 1.3])
+@pytest.mark.parametrize("batch,width", [(1, 1), (3, 4), (6, 10)])
+def test_shape_rewards_against_loop(kl_coef, batch, width):
+    """r_t = -beta KL_t on every real token, plus the score at index length - 1, 0 on padding
+    (length-1 and full-length rows included; NaN in the padding of kl does not leak)."""
+    g = gen(200 + batch * width)
+    lengths = random_lengths(g, batch, width)
+    mask = prefix_mask(lengths, width)
+    kl = torch.randn(batch, width, generator=g)
+    scores = torch.randn(batch, generator=g) * 3
+    rewards = ppo.shape_rewards(scores, fill_padding(kl, mask, g), mask, kl_coef)
+    expected = [[0.0] * width for _ in range(batch)]
+    for b in range(batch):
+        for t in range(lengths[b]):
+            expected[b][t] = -kl_coef * kl[b, t].item()
+        expected[b][lengths[b] - 1] += scores[b].item()
+    assert rewards.shape == (batch, width)
+    assert_close(rewards.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    assert (rewards[~mask] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# explained_variance
+# ---------------------------------------------------------------------------------------------
+def test_explained_variance_against_reference():
+    """1 - Var(R - V) / Var(R) over the valid tokens only."""
+    g = gen(300)
+    returns = torch.randn(5, 8, generator=g, dtype=torch.float64) * 2
+    values = returns + torch.randn(5, 8, generator=g, dtype=torch.float64) * 0.7
+    mask = prefix_mask([1, 3, 8, 5, 2], 8)
+    r = valid_entries(returns, mask)
+    d = [ri - vi for ri, vi in zip(r, valid_entries(values, mask))]
+    expected = 1 - statistics.variance(d) / statistics.variance(r)
+    assert_close(ppo.explained_variance(values, returns, mask), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_explained_variance_perfect_and_constant_critic():
+    """values == returns gives 1; values equal to the mean of the valid returns gives ~0."""
+    g = gen(301)
+    returns = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    mask = prefix_mask([6, 2, 4, 1], 6)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    assert_close(ppo.explained_variance(returns.clone(), returns, mask), one)
+    mean = statistics.fmean(valid_entries(returns, mask))
+    constant = torch.full_like(returns, mean)
+    assert_close(ppo.explained_variance(constant, returns, mask), torch.zeros((), dtype=torch.float64),
+                 rtol=0, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# lr_factor
+# ---------------------------------------------------------------------------------------------
+def lr_reference(step, total, warmup, kind):
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    if kind == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return 1 - progress
+    return 1.0
+
+
+KINDS = ["cosine", "linear", "constant", "plateau"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("total,warmup", [(50, 0), (50, 1), (50, 10), (7, 3), (2, 1)])
+def test_lr_factor_grid(kind, total, warmup):
+    """Linear warmup (step + 1) / warmup, then the schedule of progress (step - warmup) / (total -
+    warmup); 1 at the first post-warmup step; cosine / linear never increase after warmup and
+    stay at 0 past the end; constant / plateau stay 1."""
+    steps = range(total + 5)
+    factors = [ppo.lr_factor(s, total, warmup, kind) for s in steps]
+    for s, f in zip(steps, factors):
+        assert f == pytest.approx(lr_reference(s, total, warmup, kind), abs=1e-12), s
+    assert factors[warmup] == pytest.approx(1.0)
+    for s in range(1, warmup):
+        assert factors[s] > factors[s - 1]
+    after = factors[warmup:]
+    assert all(b <= a + 1e-12 for a, b in zip(after, after[1:]))
+    if kind in ("cosine", "linear"):
+        assert all(f == pytest.approx(0.0, abs=1e-12) for f in factors[total:])
+    else:
+        assert all(f == 1.0 for f in after)
+
+
+# ---------------------------------------------------------------------------------------------
+# adaptive_kl_coef
+# ---------------------------------------------------------------------------------------------
+def ziegler_reference(beta, kl, n, target, horizon):
+    """Ziegler et al. 2019, 2.2: e = clip(KL / target - 1, -0.2, 0.2); beta <- beta (1 + e n / horizon)."""
+    error = kl / target - 1
+    error = -0.2 if error < -0.2 else 0.2 if error > 0.2 else error
+    return beta * (1 + error * n / horizon)
+
+
+@pytest.mark.parametrize("target,horizon,n", [(6.0, 10000, 64), (0.5, 1000, 8), (2.0, 100, 100)])
+def test_adaptive_kl_coef(target, horizon, n):
+    """Matches the formula; grows above the target, shrinks below, unchanged at it; the error is
+    clipped, so KL = 2x and 10x the target give the same step."""
+    beta = 0.05
+    for ratio in [0.0, 0.3, 0.8, 0.95, 1.0, 1.05, 1.2, 2.0, 10.0]:
+        kl = ratio * target
+        new = ppo.adaptive_kl_coef(beta, kl, n, target, horizon)
+        assert new == pytest.approx(ziegler_reference(beta, kl, n, target, horizon), rel=1e-12)
+        if ratio > 1:
+            assert new > beta
+        elif ratio < 1:
+            assert new < beta
+        else:
+            assert new == beta
+    assert ppo.adaptive_kl_coef(beta, 2 * target, n, target, horizon) == pytest.approx(
+        ppo.adaptive_kl_coef(beta, 10 * target, n, target, horizon), rel=1e-12)
+    assert ppo.adaptive_kl_coef(beta, 0.0, n, target, horizon) == pytest.approx(beta * (1 - 0.2 * n / horizon))
+
+
+# ---------------------------------------------------------------------------------------------
+# merge_moments
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("start", [(0.0, 1.0), (5.0, 3.0)])
+@pytest.mark.parametrize("sizes", [[1], [4, 1, 9], [17, 3, 64, 1, 2]])
+def test_merge_moments_sequential_equals_concatenation(start, sizes):
+    """Merging batch moments one after another, from count 0 (whatever mean / var it holds), gives
+    numpy's mean and population variance of everything seen so far."""
+    rng = np.random.default_rng(sum(sizes))
+    mean, var, count = start[0], start[1], 0
+    seen = []
+    for i, size in enumerate(sizes):
+        batch = rng.normal(loc=i - 1.0, scale=1.0 + i, size=size)
+        seen.append(batch)
+        mean, var, count = ppo.merge_moments(mean, var, count, float(batch.mean()), float(batch.var()), size)
+        everything = np.concatenate(seen)
+        assert count == everything.size
+        assert mean == pytest.approx(float(everything.mean()), rel=1e-12, abs=1e-12)
+        assert var == pytest.approx(float(everything.var()), rel=1e-10, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# last_number and answer_matches
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,expected", [
+    ("Natalia sold 48 + 24 = 72 clips.\n#### 72", 72.0),
+    ("The answer is 72.", 72.0),
+    ("It costs 1,000 dollars", 1000.0),
+    ("1,234,567", 1234567.0),
+    ("The temperature fell to -5 degrees", -5.0),
+    ("She paid $3.50 in total.", 3.5),
+    ("first 3.14 then 2", 2.0),
+    ("no digits here", None),
+    ("", None),
+])
+def test_last_number(text, expected):
+    assert ppo.last_number(text) == expected
+
+
+@pytest.mark.parametrize("response,reference,rule,expected", [
+    ("So she sold 48 + 24 = 72. The answer is 72.", "48/2 = 24\n#### 72", "last_number", True),
+    ("The answer is 71.", "#### 72", "last_number", False),
+    ("The total is 1,000.", "#### 1000", "last_number", True),
+    ("The total is 1000", "#### 1,000", "last_number", True),
+    ("He is down -3 dollars", "#### -3", "last_number", True),
+    ("He is down 3 dollars", "#### -3", "last_number", False),
+    ("It is 2.5 hours", "#### 2.50", "last_number", True),
+    ("It is 2.5 hours", "#### 2.6", "last_number", False),
+    ("I do not know", "#### 72", "last_number", False),
+    ("I do not know", "no number either", "last_number", False),
+    ("72", "no number", "last_number", False),
+    ("  Paris \n", "Paris", "exact", True),
+    ("New   York\tCity", "New York City", "exact", True),
+    ("NewYork", "New York", "exact", False),
+    ("paris", "Paris", "exact", False),
+    ("Paris, France", "Paris", "exact", False),
+    ("The capital is Paris.", " Paris ", "contains", True),
+    ("The capital is Lyon.", "Paris", "contains", False),
+])
+def test_answer_matches(response, reference, rule, expected):
+    assert ppo.answer_matches(response, reference, rule) is expected
+
+
+def test_answer_matches_rejects_unknown_rule():
+    with pytest.raises(ValueError):
+        ppo.answer_matches("1", "1", "fuzzy")
