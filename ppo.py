@@ -56,6 +56,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 logger = logging.getLogger("ppo")
@@ -141,6 +142,16 @@ WANDB_PROJECT = "ppo-v1"
 WANDB_ENTITY = None                 # team or user; None = your default
 WANDB_RUN_NAME = None               # None = the name of OUTPUT_DIR
 
+# Memory and scale (several GPUs: `accelerate launch ppo.py` or `torchrun --nproc_per_node N ppo.py`)
+ADVANTAGE_ESTIMATOR = "gae"         # "gae" (critic) | "grpo" | "rloo" | "reinforce++": no critic, the GROUP_SIZE responses are the baseline
+USE_LORA = False                    # train LoRA adapters (peft) on the policy; the reference is the base model with adapters off
+LORA_R = 16                         # adapter rank r
+LORA_ALPHA = 32                     # adapter scale alpha (the update is scaled by alpha / r)
+LORA_DROPOUT = 0.0                  # keep 0: dropout would make the PPO ratio differ from 1 before any update
+LORA_TARGET_MODULES = "all-linear"  # "all-linear", or comma-separated module names such as "q_proj,v_proj"
+GRADIENT_CHECKPOINTING = False      # recompute activations during backward: much less memory, ~30% slower update
+OFFLOAD_REF_AND_REWARD = False      # keep the reference and reward models in CPU memory except while they run
+
 # Hardware
 DEVICE = "auto"                     # "auto": this process's GPU when there is one, else CPU | "cpu"
 MIXED_PRECISION = "auto"            # "auto": bf16 on GPUs that support it, else none | "bf16" | "fp16" | "no"
@@ -156,8 +167,10 @@ CHOICES = {
     "ANSWER_MATCH": ("last_number", "exact", "contains"),
     "DEVICE": ("auto", "cpu"),
     "MIXED_PRECISION": ("auto", "bf16", "fp16", "no"),
+    "ADVANTAGE_ESTIMATOR": ("gae", "grpo", "rloo", "reinforce++"),
 }
 MODEL_KEYS = ("ACTOR_MODEL", "CRITIC_MODEL", "REWARD_MODEL")
+STRUCTURE_KEYS = MODEL_KEYS + ("ADVANTAGE_ESTIMATOR", "USE_LORA", "LORA_R", "LORA_TARGET_MODULES")
 
 
 class ConfigError(Exception):
@@ -273,6 +286,11 @@ def validate_config(cfg: Config) -> None:
     for name in ("TRAIN_DATASETS", "EVAL_DATASETS"):
         if not isinstance(cfg[name], list) or not all(isinstance(s, dict) for s in cfg[name]):
             problems.append(f'{name} must be a list of {{"path", "type", "input", "output"}} objects.')
+    if cfg.ADVANTAGE_ESTIMATOR in ("grpo", "rloo") and cfg.GROUP_SIZE < 2:
+        problems.append(f"ADVANTAGE_ESTIMATOR = {cfg.ADVANTAGE_ESTIMATOR!r} compares the responses to one prompt: "
+                        "set GROUP_SIZE >= 2 (4 to 16 is usual).")
+    if cfg.USE_LORA and cfg.LORA_R < 1:
+        problems.append(f"LORA_R = {cfg.LORA_R} must be >= 1.")
     if not cfg.TRAIN_DATASETS:
         problems.append("TRAIN_DATASETS is empty: give at least one dataset of prompts.")
     if not isinstance(cfg.STOP_TOKENS, list) or not all(isinstance(t, str) for t in cfg.STOP_TOKENS):
@@ -404,6 +422,19 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torc
     advantages = torch.stack(advantages_reversed[::-1], dim=1)
     returns = advantages + values
     return torch.where(response_mask, advantages, zero), torch.where(response_mask, returns, zero)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str, eps: float = 1e-6) -> torch.Tensor:
+    """Critic-free advantages of sequence rewards (B,), the GROUP_SIZE responses of a prompt in consecutive rows.
+    grpo: (R - mean of the group) / (std of the group + eps)    (Shao et al. 2024, arXiv 2402.03300)
+    rloo: R - mean of the other G - 1 rewards of the group      (Ahmadian et al. 2024, arXiv 2402.14740)"""
+    grouped = rewards.view(-1, group_size)                            # (prompts, G)
+    if estimator == "grpo":
+        centred = grouped - grouped.mean(1, keepdim=True)
+        return (centred / (grouped.std(1, keepdim=True) + eps)).reshape(-1)
+    if estimator == "rloo":
+        return (grouped - (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)).reshape(-1)
+    raise ValueError(f"unknown group estimator {estimator!r}")
 
 
 def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_range: float):
@@ -670,7 +701,28 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 
 def supports_logits_to_keep(model: nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model       # under a peft wrapper
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing, non-reentrant so frozen inputs and LoRA need no extra hooks."""
+    enable = getattr(model, "activation_checkpointing_enable", None)     # its name since transformers 5.x
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_lora(policy: nn.Module, cfg: Config, adapter: Optional[str] = None) -> nn.Module:
+    """Wrap the policy in trainable LoRA adapters: new ones, or those saved in a checkpoint."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    if adapter:
+        return PeftModel.from_pretrained(policy, adapter, is_trainable=True)
+    targets = cfg.LORA_TARGET_MODULES
+    targets = targets if targets == "all-linear" else [name.strip() for name in targets.split(",") if name.strip()]
+    return get_peft_model(policy, LoraConfig(r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
+                                             target_modules=targets, task_type="CAUSAL_LM"))
 
 
 class PolicyAndCritic(nn.Module):
@@ -878,29 +930,60 @@ class PPOTrainer:
 
     # -- setup --------------------------------------------------------------------------------
     def _load_models(self) -> None:
-        cfg = self.cfg
+        """Policy and critic (trained, float32 master weights), reference and reward model (frozen, in the
+        mixed-precision dtype); with USE_LORA the reference is the policy's base with its adapters off."""
+        cfg, ckpt = self.cfg, self.checkpoint
         frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision,
                                                                            torch.float32)
-        policy_path = str(self.checkpoint / "policy") if self.checkpoint else cfg.ACTOR_MODEL
-        critic_path = str(self.checkpoint / "critic") if self.checkpoint else cfg.CRITIC_MODEL
         self.tokenizer = load_tokenizer("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)
         self.tokenizer.padding_side = "left"
         self.reward_tokenizer = load_tokenizer("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
-        policy = load_causal_lm("ACTOR_MODEL", policy_path, cfg, torch.float32)
-        critic = load_sequence_classifier("CRITIC_MODEL", critic_path, cfg, torch.float32, is_reward=False)
-        reference = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, frozen_dtype)
+        if cfg.USE_LORA:
+            policy = apply_lora(load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, frozen_dtype), cfg,
+                                adapter=str(ckpt / "policy_adapter") if ckpt else None)
+            reference = policy
+        else:
+            policy = load_causal_lm("ACTOR_MODEL", str(ckpt / "policy") if ckpt else cfg.ACTOR_MODEL, cfg, torch.float32)
+            reference = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, frozen_dtype).requires_grad_(False).eval()
+        critic = None
+        if cfg.ADVANTAGE_ESTIMATOR == "gae":
+            critic = load_sequence_classifier("CRITIC_MODEL", str(ckpt / "critic") if ckpt else cfg.CRITIC_MODEL,
+                                              cfg, torch.float32, is_reward=False)
+        for model in (policy, critic):
+            if model is not None and cfg.GRADIENT_CHECKPOINTING:
+                enable_checkpointing(model)
         reward = load_sequence_classifier("REWARD_MODEL", cfg.REWARD_MODEL, cfg, frozen_dtype, is_reward=True)
-        self.ref = PolicyAndCritic(reference.requires_grad_(False).eval(), None).to(self.device)
-        self.reward_model = reward.requires_grad_(False).eval().to(self.device)
+        parked = "cpu" if cfg.OFFLOAD_REF_AND_REWARD else self.device
+        self.ref = PolicyAndCritic(reference, None).to(self.device if cfg.USE_LORA else parked)
+        self.reward_model = reward.requires_grad_(False).eval().to(parked)
         self.stop_ids = self._stop_token_ids(policy)
-        optimizer = torch.optim.AdamW(
-            [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.LEARNING_RATE},
-             {"params": [p for p in critic.parameters() if p.requires_grad], "lr": cfg.CRITIC_LEARNING_RATE}],
-            weight_decay=cfg.WEIGHT_DECAY)
+        groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}
+                  for m, lr in ((policy, cfg.LEARNING_RATE), (critic, cfg.CRITIC_LEARNING_RATE)) if m is not None]
+        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.WEIGHT_DECAY)
         self.model, self.optimizer = self.accelerator.prepare(PolicyAndCritic(policy, critic), optimizer)
-        counts = [sum(p.numel() for p in group["params"]) for group in optimizer.param_groups]
-        logger.info(f"policy {type(policy).__name__}: {counts[0] / 1e6:.2f}M trainable parameters; critic "
-                    f"{counts[1] / 1e6:.2f}M; device {self.device}, mixed precision {self.accelerator.mixed_precision}")
+        counts = [f"{sum(p.numel() for p in g['params']) / 1e6:.2f}M" for g in optimizer.param_groups]
+        logger.info(f"policy {type(policy).__name__} ({counts[0]} trainable parameters), critic "
+                    f"{type(critic).__name__ if critic else 'none'} ({counts[1] if critic else 0}), device "
+                    f"{self.device}, mixed precision {self.accelerator.mixed_precision}")
+        self._check_learning_rate(policy)
+
+    def _check_learning_rate(self, policy: nn.Module) -> None:
+        billions = sum(p.numel() for p in policy.parameters()) / 1e9
+        if billions >= 0.3 and not self.cfg.USE_LORA and self.cfg.LEARNING_RATE > 2e-5:
+            logger.warning(f"LEARNING_RATE = {self.cfg.LEARNING_RATE:g} is far above the usual 1e-6 to 5e-6 for a "
+                           f"{billions:.1f}B-parameter policy; PPO is likely to diverge.")
+
+    @contextlib.contextmanager
+    def on_device(self, model: nn.Module):
+        """With OFFLOAD_REF_AND_REWARD, move a frozen model to the accelerator only while it runs."""
+        if not self.cfg.OFFLOAD_REF_AND_REWARD or any(p.requires_grad for p in model.parameters()):
+            yield model                              # only frozen models move (not a LoRA policy's base)
+            return
+        model.to(self.device)
+        try:
+            yield model
+        finally:
+            model.to("cpu")
 
     def _stop_token_ids(self, policy) -> torch.Tensor:
         ids = {self.tokenizer.eos_token_id}
@@ -1036,8 +1119,9 @@ class PPOTrainer:
         """Steps 2-3 of the rollout: score = compute_rewards (+ reference reward), normalised, clipped,
         minus MISSING_EOS_PENALTY for responses that never stopped."""
         cfg = self.cfg
-        model_scores = torch.as_tensor(self.compute_rewards(rollout.prompts, rollout.responses),
-                                       dtype=torch.float32).reshape(-1).to(self.device)
+        with self.on_device(self.reward_model):
+            model_scores = self.compute_rewards(rollout.prompts, rollout.responses)
+        model_scores = torch.as_tensor(model_scores, dtype=torch.float32).reshape(-1).to(self.device)
         if len(model_scores) != len(rollout):
             raise TrainingError(f"compute_rewards returned {len(model_scores)} scores for {len(rollout)} "
                                 "responses; it must return one score per response.")
@@ -1079,32 +1163,44 @@ class PPOTrainer:
             mb = rollout.select(idx)
             ids, attention = mb.sequences()
             t = mb.response_ids.shape[1]
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), self.on_device(self.ref):
                 logits, mb_values = model(ids, attention, t)
                 logprobs[idx, :t], entropy[idx, :t] = logprobs_and_entropy(logits, mb.response_ids, self.cfg.TEMPERATURE)
-                ref_logits, _ = self.ref(ids, attention, t)
+                with self.policy.disable_adapter() if self.cfg.USE_LORA else contextlib.nullcontext():
+                    ref_logits, _ = self.ref(ids, attention, t)
                 ref_logprobs[idx, :t] = logprobs_and_entropy(ref_logits, mb.response_ids, self.cfg.TEMPERATURE)[0]
-            values[idx, :t] = mb_values
+            if mb_values is not None:
+                values[idx, :t] = mb_values
             del logits, ref_logits
-        rollout.old_logprobs, rollout.ref_logprobs, rollout.values = logprobs, ref_logprobs, values
+        rollout.old_logprobs, rollout.ref_logprobs = logprobs, ref_logprobs
+        rollout.values = values if model.critic is not None else None
         return {"objective/entropy": masked_mean(entropy, rollout.response_mask)}
 
     def compute_advantages(self, rollout: Rollout) -> Dict[str, torch.Tensor]:
-        """Steps 5-6: per-token KL penalty + score at the last token, GAE, whitening over the whole batch."""
-        cfg, mask = self.cfg, rollout.response_mask
+        """Steps 5-6: r_t = -beta * KL_t plus the score at the last token; advantages by ADVANTAGE_ESTIMATOR:
+        GAE with the critic, or the critic-free baselines; whitened over the whole batch (gae, reinforce++)."""
+        cfg, mask, beta = self.cfg, rollout.response_mask, self.state.kl_coef
         kl = kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, cfg.KL_ESTIMATOR)         # (B, T)
-        rewards = shape_rewards(rollout.scores, kl, mask, self.state.kl_coef)
-        advantages, returns = compute_gae(rewards, rollout.values, mask, cfg.GAMMA, cfg.LAM)
-        rollout.advantages = masked_whiten(advantages, mask, *self._global_mean_var(advantages, mask))
-        rollout.returns = returns
-        sequence_kl = masked_sum(kl, mask, 1)                                                   # (B,)
-        non_score_reward = -self.state.kl_coef * masked_sum(kl, mask, 1)
-        return {"objective/kl": sequence_kl.mean(), "objective/kl_coef": torch.tensor(self.state.kl_coef),
+        rewards = shape_rewards(rollout.scores, kl, mask, beta)                               # (B, T)
+        metrics = {}
+        if cfg.ADVANTAGE_ESTIMATOR in ("gae", "reinforce++"):
+            critic = cfg.ADVANTAGE_ESTIMATOR == "gae"
+            values = rollout.values if critic else torch.zeros_like(rewards)
+            advantages, rollout.returns = compute_gae(rewards, values, mask, cfg.GAMMA, cfg.LAM if critic else 1.0)
+            rollout.advantages = masked_whiten(advantages, mask, *self._global_mean_var(advantages, mask))
+            if critic:
+                metrics = {"ppo/returns_mean": masked_mean(rollout.returns, mask),
+                           "ppo/val/mean": masked_mean(values, mask),
+                           "ppo/val/explained_variance": explained_variance(values, rollout.returns, mask)}
+        else:
+            sequence = group_advantages(masked_sum(rewards, mask, 1), cfg.GROUP_SIZE, cfg.ADVANTAGE_ESTIMATOR)
+            advantages = torch.where(mask, sequence[:, None], torch.zeros((), device=self.device))
+            rollout.advantages = advantages
+        non_score_reward = -beta * masked_sum(kl, mask, 1)                                     # (B,)
+        return {"objective/kl": masked_sum(kl, mask, 1).mean(), "objective/kl_coef": torch.tensor(beta),
                 "objective/non_score_reward": non_score_reward.mean(),
                 "objective/rlhf_reward": (rollout.scores + non_score_reward).mean(),
-                "ppo/advantages_mean": masked_mean(advantages, mask), "ppo/returns_mean": masked_mean(returns, mask),
-                "ppo/val/mean": masked_mean(rollout.values, mask),
-                "ppo/val/explained_variance": explained_variance(rollout.values, returns, mask),
+                "ppo/advantages_mean": masked_mean(advantages, mask), **metrics,
                 "response/length": mask.sum(1).float().mean(), "response/eos_rate": rollout.has_eos.float().mean()}
 
     def make_rollout(self, prompts: List[str]) -> Tuple[Rollout, Dict[str, torch.Tensor], Dict[str, float]]:
@@ -1156,10 +1252,13 @@ class PPOTrainer:
                     logits, values = self.model(ids, attention, mb.response_ids.shape[1])
                 logprobs, entropy = logprobs_and_entropy(logits, mb.response_ids, cfg.TEMPERATURE)
                 pg_loss, pg_clipped = clipped_policy_loss(logprobs, mb.old_logprobs, mb.advantages, cfg.CLIP_RANGE)
-                vf_loss, vf_clipped = clipped_value_loss(values, mb.values, mb.returns, cfg.CLIP_RANGE_VALUE)
-                loss = (masked_sum(pg_loss, mask) - cfg.ENTROPY_COEF * masked_sum(entropy, mask)
-                        + cfg.VALUE_LOSS_COEF * masked_sum(vf_loss, mask)) / normalizer
-                self.accelerator.backward(loss)
+                loss = masked_sum(pg_loss, mask) - cfg.ENTROPY_COEF * masked_sum(entropy, mask)
+                if values is None:
+                    vf_loss, vf_clipped = torch.zeros_like(pg_loss), torch.zeros_like(pg_clipped)
+                else:
+                    vf_loss, vf_clipped = clipped_value_loss(values, mb.values, mb.returns, cfg.CLIP_RANGE_VALUE)
+                    loss = loss + cfg.VALUE_LOSS_COEF * masked_sum(vf_loss, mask)
+                self.accelerator.backward(loss / normalizer)
             log_ratio = (logprobs - mb.old_logprobs).detach()
             stats.append(torch.stack([mask.sum().float(), masked_sum(pg_loss.detach(), mask),
                                       masked_sum(vf_loss.detach(), mask), masked_sum(entropy.detach(), mask),
@@ -1194,9 +1293,8 @@ class PPOTrainer:
 
     def _set_learning_rates(self) -> None:
         factor = self.learning_rate_factor()
-        policy_group, critic_group = self.optimizer.param_groups
-        policy_group["lr"] = self.cfg.LEARNING_RATE * factor
-        critic_group["lr"] = self.cfg.CRITIC_LEARNING_RATE * factor
+        for group, base in zip(self.optimizer.param_groups, (self.cfg.LEARNING_RATE, self.cfg.CRITIC_LEARNING_RATE)):
+            group["lr"] = base * factor
 
     def ppo_update(self, rollout: Rollout) -> Dict[str, torch.Tensor]:
         """GROUP_EPOCHES shuffled passes over the rollout, an optimizer step per minibatch; with TARGET_KL,
@@ -1218,18 +1316,22 @@ class PPOTrainer:
         stat = dict(zip(self.UPDATE_STATS, totals))
         per_token = {k: v / stat["tokens"].clamp(min=1) for k, v in stat.items()}
         norms = torch.stack(norms)
-        return {"ppo/loss/policy": per_token["pg_loss"], "ppo/loss/value": per_token["vf_loss"],
-                "ppo/policy/entropy": per_token["entropy"], "ppo/policy/clipfrac": per_token["pg_clipped"],
-                "ppo/val/clipfrac": per_token["vf_clipped"], "ppo/policy/approx_kl": per_token["approx_kl"],
-                "ppo/ratio_mean": per_token["ratio"], "ppo/epochs": torch.tensor(float(epochs_done)),
-                "ppo/skipped_optimizer_steps": torch.tensor(float(skipped)),
-                "grad_norm/policy": norms[:, 0].nanmean(), "grad_norm/critic": norms[:, 1].nanmean()}
+        metrics = {"ppo/loss/policy": per_token["pg_loss"], "ppo/policy/entropy": per_token["entropy"],
+                   "ppo/policy/clipfrac": per_token["pg_clipped"], "ppo/policy/approx_kl": per_token["approx_kl"],
+                   "ppo/ratio_mean": per_token["ratio"], "ppo/epochs": torch.tensor(float(epochs_done)),
+                   "ppo/skipped_optimizer_steps": torch.tensor(float(skipped)),
+                   "grad_norm/policy": norms[:, 0].nanmean()}
+        if rollout.values is not None:
+            metrics.update({"ppo/loss/value": per_token["vf_loss"], "ppo/val/clipfrac": per_token["vf_clipped"],
+                            "grad_norm/critic": norms[:, 1].nanmean()})
+        return metrics
 
     def train_step(self, prompts: List[str]) -> Dict[str, float]:
         """One PPO step on this process's prompts: a rollout, then the update. Returns reduced metrics."""
         start = time.perf_counter()
         rollout, metrics, timings = self.make_rollout(prompts)
-        finite = torch.isfinite(torch.stack([rollout.scores.sum(), rollout.advantages.sum(), rollout.returns.sum()]))
+        finite = torch.isfinite(torch.stack([t.sum() for t in (rollout.scores, rollout.advantages, rollout.returns)
+                                             if t is not None]))
         self._check_signal()
         if bool(self._all_sum((~finite).any().float()) == 0):
             with self._timed(timings, "update"):
@@ -1247,9 +1349,8 @@ class PPOTrainer:
         timings["step"] = time.perf_counter() - start
         generated = int(self._all_sum(rollout.response_mask.sum().float()).item())
         metrics.update({f"time/{k}": v for k, v in timings.items()})
-        metrics.update({"throughput/tokens_per_second": generated / timings["step"],
-                        "lr/policy": self.optimizer.param_groups[0]["lr"],
-                        "lr/critic": self.optimizer.param_groups[1]["lr"]})
+        metrics["throughput/tokens_per_second"] = generated / timings["step"]
+        metrics.update({f"lr/{name}": group["lr"] for name, group in zip(("policy", "critic"), self.optimizer.param_groups)})
         return metrics
 
     def _count_skips(self, skipped: bool) -> None:
@@ -1309,8 +1410,9 @@ class PPOTrainer:
         for start in range(0, len(prompts), chunk):
             batch = prompts[start:start + chunk]
             generation = self.generate_response(batch, do_sample=not self.cfg.EVAL_GREEDY)
-            rewards.append(torch.as_tensor(self.compute_rewards(batch, generation.responses),
-                                           dtype=torch.float32).reshape(-1).to(self.device))
+            with self.on_device(self.reward_model):
+                batch_rewards = self.compute_rewards(batch, generation.responses)
+            rewards.append(torch.as_tensor(batch_rewards, dtype=torch.float32).reshape(-1).to(self.device))
             batch_correct, batch_has_ref = self.reference_matches(batch, generation.responses)
             correct.append(batch_correct)
             has_ref.append(batch_has_ref)
@@ -1504,8 +1606,19 @@ class PPOTrainer:
     def save_policy(self, folder: Path) -> None:
         """Policy and tokenizer in Hugging Face format, written atomically (used for best/)."""
         if self.is_main:
-            write_atomically(folder, lambda tmp: self._write_model(self.policy, tmp, self.tokenizer))
+            write_atomically(folder, lambda tmp: self._write_policy(tmp, tmp / "adapter"))
         self.accelerator.wait_for_everyone()
+
+    def _write_policy(self, folder: Path, adapter_folder: Path) -> None:
+        """A folder AutoModelForCausalLM.from_pretrained loads; under LoRA the adapters go to adapter_folder
+        (what a resume loads) and `folder` gets base + adapters merged on a CPU copy (training is untouched)."""
+        if not self.cfg.USE_LORA:
+            return self._write_model(self.policy, folder, self.tokenizer)
+        from peft import PeftModel
+        self.policy.save_pretrained(adapter_folder)
+        base = load_causal_lm("ACTOR_MODEL", self.cfg.ACTOR_MODEL, self.cfg, torch.float32)
+        self._write_model(PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload(), folder,
+                          self.tokenizer)
 
     def _write_model(self, model: nn.Module, folder: Path, tokenizer) -> None:
         model.save_pretrained(folder, safe_serialization=True)
@@ -1514,15 +1627,15 @@ class PPOTrainer:
     def save_checkpoint(self) -> Path:
         """OUTPUT_DIR/checkpoints/step_N/{policy/, critic/, training_state.pt, config.json}, complete or absent."""
         path = self._checkpoint_path(self.state.global_step)
-        rng = self.accelerator.gather_for_metrics([rng_state()], use_gather_object=True) \
-            if self.accelerator.num_processes > 1 else [rng_state()]
+        rng = gather_object([rng_state()]) if self.accelerator.num_processes > 1 else [rng_state()]
         if self.is_main and not path.exists():
             state = {"format": 1, "state": dataclasses.asdict(self.state), "optimizer": self.optimizer.state_dict(),
                      "rng": rng}
 
             def write(tmp: Path) -> None:
-                self._write_model(self.policy, tmp / "policy", self.tokenizer)
-                self._write_model(self.critic, tmp / "critic", self.reward_tokenizer)
+                self._write_policy(tmp / "policy", tmp / "policy_adapter")
+                if self.critic is not None:
+                    self._write_model(self.critic, tmp / "critic", self.reward_tokenizer)
                 torch.save(state, tmp / "training_state.pt")
                 (tmp / "config.json").write_text(json.dumps(self.cfg, indent=2, ensure_ascii=False))
             write_atomically(path, write)
@@ -1545,7 +1658,7 @@ class PPOTrainer:
 # ---------------------------------------------------------------------------------------------
 # 9. Checkpoint files: atomic writes, discovery, rotation, loading without running code
 # ---------------------------------------------------------------------------------------------
-CHECKPOINT_FILES = ("policy/config.json", "critic/config.json", "training_state.pt", "config.json")
+CHECKPOINT_FILES = ("policy/config.json", "training_state.pt", "config.json")
 CHECKPOINT_HELP = ("Check: 1. the checkpoint path is right; 2. training_state.pt exists in it; "
                    "3. the model architecture matches the checkpoint (ACTOR_MODEL, CRITIC_MODEL).")
 
@@ -1604,7 +1717,9 @@ def rotate_checkpoints(root: Path, limit: int, keep: Optional[int]) -> None:
 
 def load_checkpoint_state(path: Path, cfg: Config) -> dict:
     """Check a checkpoint folder and compare its settings; returns its training_state.pt (tensors only)."""
-    missing = [f for f in CHECKPOINT_FILES if not (path / f).exists()]
+    needed = CHECKPOINT_FILES + (("critic/config.json",) if cfg.ADVANTAGE_ESTIMATOR == "gae" else ()) + (
+        ("policy_adapter/adapter_config.json",) if cfg.USE_LORA else ())
+    missing = [f for f in needed if not (path / f).exists()]
     if not path.is_dir() or missing:
         what = "does not exist" if not path.is_dir() else f"is incomplete (missing {', '.join(missing)})"
         raise ConfigError(f"Checkpoint {path} {what}. {CHECKPOINT_HELP}")
@@ -1615,13 +1730,14 @@ def load_checkpoint_state(path: Path, cfg: Config) -> dict:
         raise ConfigError(f"Checkpoint {path}: cannot read training_state.pt / config.json "
                           f"({type(e).__name__}: {str(e).splitlines()[0]}). {CHECKPOINT_HELP}") from None
     changed = [k for k in CONFIG_KEYS if k in saved_cfg and saved_cfg[k] != cfg[k] and k not in ("RESUME",)]
-    models = [k for k in changed if k in MODEL_KEYS and resolve_path(str(saved_cfg[k])) != resolve_path(str(cfg[k]))]
+    models = [k for k in changed if k in STRUCTURE_KEYS and (
+        k not in MODEL_KEYS or resolve_path(str(saved_cfg[k])) != resolve_path(str(cfg[k])))]
     if models:
         raise ConfigError(f"Checkpoint {path} was trained with other models: " + "; ".join(
             f"{k} was {saved_cfg[k]!r}, now {cfg[k]!r}" for k in models) + ". Resume with the same models, or set "
             "RESUME = 'no' to start a new run.")
     for k in changed:
-        if k not in MODEL_KEYS:
+        if k not in STRUCTURE_KEYS:
             logger.warning(f"Resuming with a changed setting: {k} was {saved_cfg[k]!r}, now {cfg[k]!r}")
     return saved
 
@@ -1681,7 +1797,7 @@ def setup_logging(output_dir: Path, is_main: bool) -> Optional[Path]:
 
 def progress_postfix(metrics: Dict[str, float]) -> str:
     """The guide's terminal line: PL:0.3245 VL:0.1234 R:1.56 A:0.23 E:0.678 LR:1.00e-06"""
-    return (f"PL:{metrics['ppo/loss/policy']:.4f} VL:{metrics['ppo/loss/value']:.4f} "
+    return (f"PL:{metrics['ppo/loss/policy']:.4f} VL:{metrics.get('ppo/loss/value', 0.0):.4f} "
             f"R:{metrics['objective/score']:.2f} A:{metrics['ppo/advantages_mean']:.2f} "
             f"E:{metrics['objective/entropy']:.3f} LR:{metrics['lr/policy']:.2e}")
 
@@ -1797,6 +1913,16 @@ def choose_resume(cfg: Config) -> Tuple[Optional[str], Config, str]:
         f"Starting a new run in {fresh}; the checkpoints in {cfg.OUTPUT_DIR} are left untouched")
 
 
+def agree_on_resume(cfg: Config) -> Tuple[Optional[str], Config, str]:
+    """The main process decides (and asks at the terminal); every other process follows its answer."""
+    from accelerate import PartialState
+    state = PartialState(cpu=cfg.DEVICE == "cpu")
+    decision = [choose_resume(cfg) if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(decision)
+    return decision[0]
+
+
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """`python ppo.py [run.json|run.yaml] [--NAME=value ...]` or `python ppo.py --plot OUTPUT_DIR`. Returns
     the exit status: 0 done, 1 training error, 2 bad settings or input, 130 / 143 interrupted."""
@@ -1808,7 +1934,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         validate_config(cfg)
         train_prompts, eval_prompts, references = load_data(cfg)
         # The guide's debug scenario may cut them here: train_prompts = train_prompts[:5]
-        resume, cfg, note = choose_resume(cfg)
+        resume, cfg, note = agree_on_resume(cfg)
         trainer = PPOTrainer(resume_from_checkpoint=resume, **cfg)
         if note:
             logger.info(note)
