@@ -192,6 +192,12 @@ def default_config() -> Config:
     return Config({name: copy.deepcopy(globals()[name]) for name in CONFIG_KEYS})
 
 
+def first_line(error: BaseException) -> str:
+    """`TypeName: first line of the message` (some exceptions carry no message at all)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def unknown_name_error(name: str, where: str) -> ConfigError:
     close = difflib.get_close_matches(name.upper(), CONFIG_KEYS, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]}?" if close else " The settings are the UPPER_CASE constants of ppo.py."
@@ -611,7 +617,7 @@ def load_model_config(name: str, path: str, cfg: Config):
     except (OSError, ValueError) as e:
         if not Path(resolved).exists() and (resolved.startswith((".", "/", "~")) or resolved.count("/") > 1):
             raise model_error(name, path, "no such folder.") from None
-        raise model_error(name, path, f"cannot load a model config from it ({str(e).splitlines()[0]}). "
+        raise model_error(name, path, f"cannot load a model config from it ({first_line(e)}). "
                           "Give a local folder made by save_pretrained, or a Hugging Face hub id "
                           "(downloads need network access).") from None
     return resolved, config
@@ -1516,7 +1522,13 @@ class PPOTrainer:
                     if s.global_step >= plan.total_steps:
                         return "max_steps"
                     batch = [train_prompts[i] for i in order[s.position:s.position + plan.prompts_per_step]]
-                    metrics = self.train_step(batch[rank::world])
+                    before = (dataclasses.replace(s), rng_state())
+                    try:
+                        metrics = self.train_step(batch[rank::world])
+                    except StepDropped:              # undo what the dropped step drew or counted
+                        self.state, s = before[0], before[0]
+                        set_rng_state(before[1])
+                        raise
                     s.position += len(batch)
                     s.global_step += 1
                     bar.update(1)
@@ -1728,7 +1740,7 @@ def load_checkpoint_state(path: Path, cfg: Config) -> dict:
         saved_cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except Exception as e:
         raise ConfigError(f"Checkpoint {path}: cannot read training_state.pt / config.json "
-                          f"({type(e).__name__}: {str(e).splitlines()[0]}). {CHECKPOINT_HELP}") from None
+                          f"({first_line(e)}). {CHECKPOINT_HELP}") from None
     changed = [k for k in CONFIG_KEYS if k in saved_cfg and saved_cfg[k] != cfg[k] and k not in ("RESUME",)]
     models = [k for k in changed if k in STRUCTURE_KEYS and (
         k not in MODEL_KEYS or resolve_path(str(saved_cfg[k])) != resolve_path(str(cfg[k])))]
@@ -1825,7 +1837,7 @@ def start_wandb(cfg: Config, output_dir: Path, resuming: bool):
         run = wandb.init(project=cfg.WANDB_PROJECT, entity=cfg.WANDB_ENTITY, id=run_id, resume="allow",
                          name=cfg.WANDB_RUN_NAME or output_dir.name, config=dict(cfg), dir=str(output_dir))
     except Exception as e:
-        logger.warning(f"wandb could not start ({type(e).__name__}: {str(e).splitlines()[0]}); run `wandb login` "
+        logger.warning(f"wandb could not start ({first_line(e)}); run `wandb login` "
                        "or set WANDB_MODE=offline. Continuing without it.")
         return None
     id_file.write_text(run_id)
