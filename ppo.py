@@ -50,6 +50,7 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -1384,7 +1385,7 @@ class PPOTrainer:
     def _reduce_metrics(self, metrics: Dict[str, torch.Tensor]) -> Dict[str, float]:
         """Every metric averaged over processes, with one transfer to the host."""
         names = list(metrics)
-        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=self.device).reshape(())
+        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=self.device).reshape(())
                               for k in names])
         if self.accelerator.num_processes > 1:
             values = self.accelerator.reduce(values, "mean")
@@ -1832,7 +1833,7 @@ def start_wandb(cfg: Config, output_dir: Path, resuming: bool):
                        "continuing without it.")
         return None
     id_file = output_dir / "wandb_run_id.txt"
-    run_id = id_file.read_text().strip() if resuming and id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if resuming and id_file.exists() else uuid.uuid4().hex[:12]
     try:
         run = wandb.init(project=cfg.WANDB_PROJECT, entity=cfg.WANDB_ENTITY, id=run_id, resume="allow",
                          name=cfg.WANDB_RUN_NAME or output_dir.name, config=dict(cfg), dir=str(output_dir))
