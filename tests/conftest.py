@@ -1,5 +1,6 @@
 """Shared fixtures: tiny real transformers models and datasets, built locally once per session (no network)."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,8 @@ sys.path.insert(0, str(ROOT))
 
 import ppo  # noqa: E402
 
-torch.set_num_threads(2)
+# Pinned, so runs in this process are bit-for-bit repeatable (the resume tests compare weights exactly).
+torch.set_num_threads(int(os.environ.get("PPO_TEST_THREADS", "2")))
 
 WORDS = ["What", "is", "The", "answer", "user", "assistant"]
 CHARS = list("0123456789 +-=.?,:\n")
