@@ -931,6 +931,8 @@ class PPOTrainer:
         self.references: Dict[str, str] = {}
         self.prompt_ids: Dict[str, List[int]] = {}
         self.signal_received: Optional[int] = None
+        self.wandb_run = None
+        self.eval_samples: List[dict] = []
         self._load_models()
         if saved_state is not None:
             self._restore(saved_state)
@@ -1438,7 +1440,7 @@ class PPOTrainer:
     def run_evaluation(self, eval_prompts: List[str]) -> Dict[str, float]:
         """evaluate(), averaged over processes, keys prefixed with eval/, samples logged."""
         start = time.perf_counter()
-        self.eval_samples: List[dict] = []
+        self.eval_samples = []
         metrics = self.evaluate(eval_prompts)
         metrics = self._reduce_metrics({k if k.startswith("eval/") else f"eval/{k}": v for k, v in metrics.items()})
         metrics["time/eval"] = time.perf_counter() - start
@@ -1452,6 +1454,12 @@ class PPOTrainer:
             with open(self.output_dir / "logs" / "samples.jsonl", "a", encoding="utf-8") as f:
                 for sample in self.eval_samples:
                     f.write(json.dumps({"step": self.state.global_step, **sample}, ensure_ascii=False) + "\n")
+            if self.wandb_run is not None:
+                import wandb
+                table = wandb.Table(columns=["step", "prompt", "response", "reward"],
+                                    data=[[self.state.global_step, s["prompt"], s["response"], s["reward"]]
+                                          for s in self.eval_samples])
+                self.wandb_run.log({"eval/samples": table}, step=self.state.global_step)
         return metrics
 
     def track_eval_metric(self, metrics: Dict[str, float]) -> bool:
@@ -1845,36 +1853,79 @@ def start_wandb(cfg: Config, output_dir: Path, resuming: bool):
     return run
 
 
+HEALTH_PANELS = (  # ppo_metrics_with_entropy.png: (title, metrics drawn together, y label)
+    ("Reward", ("objective/score", "eval/reward"), "score"),
+    ("Accuracy against references", ("train/accuracy", "eval/accuracy"), "fraction correct"),
+    ("KL(policy || reference) per response", ("objective/kl",), "nats"),
+    ("Entropy per token", ("objective/entropy",), "nats"),
+    ("Policy loss", ("ppo/loss/policy",), "loss"),
+    ("Value loss", ("ppo/loss/value",), "loss"),
+    ("Clip fractions", ("ppo/policy/clipfrac", "ppo/val/clipfrac"), "fraction of tokens"),
+    ("Approximate KL(old || new) in the update", ("ppo/policy/approx_kl",), "nats"),
+    ("Critic explained variance", ("ppo/val/explained_variance",), "1 = perfect"),
+)
+
+
+def smooth(values: Sequence[float], weight: float = 0.8) -> List[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing)."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, 1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** i))
+    return out
+
+
+def draw_series(ax, rows: List[dict], key: str) -> bool:
+    """One metric on one axis: evaluations as points, step metrics raw (faint) and smoothed."""
+    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    if not points:
+        return False
+    steps, values = zip(*points)
+    if key.startswith("eval/") or 2 * len(points) < len(rows):          # evaluations: a point each
+        ax.plot(steps, values, "o-", markersize=4, linewidth=1.2, label=f"{key} (evaluation)")
+    else:
+        line, = ax.plot(steps, values, linewidth=0.8, alpha=0.3)
+        ax.plot(steps, smooth(values), linewidth=1.6, color=line.get_color(), label=key)
+    return True
+
+
 def plot_metrics(history: List[dict], output_dir: Path) -> List[Path]:
-    """training_metrics_detailed.png (every metric) and ppo_metrics_with_entropy.png (PPO health)."""
+    """training_metrics_detailed.png (every metric, a panel each) and ppo_metrics_with_entropy.png (PPO health)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in history if isinstance(r, dict) and "step" in r]
-    names = sorted({k for r in rows for k, v in r.items() if k not in ("step", "epoch") and isinstance(v, (int, float))})
-    health = ["ppo/loss/policy", "ppo/loss/value", "objective/score", "objective/kl", "objective/entropy",
-              "ppo/policy/clipfrac", "ppo/val/clipfrac", "ppo/policy/approx_kl", "ppo/val/explained_variance",
-              "eval/reward", "eval/accuracy"]
+    names = sorted({k for r in rows for k, v in r.items() if k not in ("step", "epoch") and isinstance(v, (int, float))},
+                   key=lambda k: (not k.startswith(("eval/", "objective/")), k))
+    layouts = (("training_metrics_detailed.png", [(k, (k,), "") for k in names]),
+               ("ppo_metrics_with_entropy.png", [p for p in HEALTH_PANELS if any(k in names for k in p[1])]))
     outputs = []
-    for filename, keys in (("training_metrics_detailed.png", names),
-                           ("ppo_metrics_with_entropy.png", [k for k in health if k in names])):
-        if not keys:
+    for filename, panels in layouts:
+        if not panels:
             continue
-        cols = 3 if len(keys) > 4 else len(keys)
-        nrows = math.ceil(len(keys) / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.2 * nrows), squeeze=False)
-        for ax, key in zip(axes.flat, keys):
-            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-            steps, values = zip(*points) if points else ((), ())
-            ax.plot(steps, values, marker="o" if key.startswith("eval/") else None, markersize=3, linewidth=1)
-            ax.set_title(key, fontsize=10)
-            ax.set_xlabel("step")
+        cols = min(4 if len(panels) > 9 else 3, len(panels))
+        fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, squeeze=False,
+                                 figsize=(4.6 * cols, 3.1 * math.ceil(len(panels) / cols)))
+        for ax, (title, keys, ylabel) in zip(axes.flat, panels):
+            drawn = [draw_series(ax, rows, key) for key in keys]
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("PPO step", fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.tick_params(labelsize=8)
+            ax.ticklabel_format(axis="y", useOffset=False)
             ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(keys):]:
+            if sum(drawn) > 1:
+                ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
-        fig.tight_layout()
+        width, height = fig.get_size_inches()        # fixed margins in inches: tight_layout costs a full draw
+        fig.suptitle(f"{Path(output_dir).resolve().name}: "
+                     + ("all metrics (faint: raw, solid: smoothed, dots: evaluations)" if "detailed" in filename
+                        else "PPO health"), fontsize=12, y=1 - 0.12 / height, va="top")
+        fig.subplots_adjust(left=0.65 / width, right=1 - 0.2 / width, bottom=0.5 / height, top=1 - 0.7 / height,
+                            wspace=0.32, hspace=0.55 * 3.1 / (3.1 - 0.55))
         path = Path(output_dir) / filename
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=90)
         plt.close(fig)
         outputs.append(path)
     return outputs
