@@ -741,3 +741,42 @@ def test_answer_matches(response, reference, rule, expected):
 def test_answer_matches_rejects_unknown_rule():
     with pytest.raises(ValueError):
         ppo.answer_matches("1", "1", "fuzzy")
+
+
+# ---------------------------------------------------------------------------------------------
+# group_advantages (critic-free estimators)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("group_size", [2, 3, 5])
+def test_group_advantages_grpo(group_size):
+    """GRPO: each reward minus its group's mean, over the group's (Bessel) standard deviation + eps."""
+    rewards = torch.randn(4 * group_size, generator=gen(200 + group_size), dtype=torch.float64)
+    got = ppo.group_advantages(rewards, group_size, "grpo", eps=1e-6)
+    for g in range(4):
+        group = rewards[g * group_size:(g + 1) * group_size].tolist()
+        mean, std = statistics.mean(group), statistics.stdev(group)
+        for i, r in enumerate(group):
+            assert math.isclose(got[g * group_size + i].item(), (r - mean) / (std + 1e-6), rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("group_size", [2, 4])
+def test_group_advantages_rloo(group_size):
+    """RLOO: each reward minus the mean of the other G - 1 rewards of its group."""
+    rewards = torch.randn(3 * group_size, generator=gen(210 + group_size), dtype=torch.float64)
+    got = ppo.group_advantages(rewards, group_size, "rloo")
+    for g in range(3):
+        group = rewards[g * group_size:(g + 1) * group_size].tolist()
+        for i, r in enumerate(group):
+            others = group[:i] + group[i + 1:]
+            assert math.isclose(got[g * group_size + i].item(), r - sum(others) / len(others), rel_tol=1e-9,
+                                abs_tol=1e-12)
+
+
+def test_group_advantages_are_per_group():
+    """Shifting one group's rewards by a constant changes no advantage (the baseline is the group)."""
+    rewards = torch.randn(12, generator=gen(220), dtype=torch.float64)
+    shifted = rewards.clone()
+    shifted[4:8] += 100.0
+    for estimator in ("grpo", "rloo"):
+        assert_close(ppo.group_advantages(rewards, 4, estimator), ppo.group_advantages(shifted, 4, estimator))
+    with pytest.raises(ValueError):
+        ppo.group_advantages(rewards, 4, "ppo")
