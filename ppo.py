@@ -896,6 +896,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def use_cpu(cfg: Config) -> bool:
+    """CPU when asked or when there is no GPU (then accelerate's multi-process backend is gloo)."""
+    return cfg.DEVICE == "cpu" or not torch.cuda.is_available()
+
+
 def resolve_mixed_precision(cfg: Config) -> str:
     if cfg.MIXED_PRECISION != "auto":
         return cfg.MIXED_PRECISION
@@ -918,7 +923,7 @@ class PPOTrainer:
         hf_logging.disable_progress_bar()           # no "Writing model shards" bars inside our own
         self.cfg = cfg = make_config(settings)
         validate_config(cfg)
-        self.accelerator = Accelerator(cpu=cfg.DEVICE == "cpu", mixed_precision=resolve_mixed_precision(cfg))
+        self.accelerator = Accelerator(cpu=use_cpu(cfg), mixed_precision=resolve_mixed_precision(cfg))
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.output_dir = Path(cfg.OUTPUT_DIR)
@@ -1980,7 +1985,7 @@ def choose_resume(cfg: Config) -> Tuple[Optional[str], Config, str]:
 def agree_on_resume(cfg: Config) -> Tuple[Optional[str], Config, str]:
     """The main process decides (and asks at the terminal); every other process follows its answer."""
     from accelerate import PartialState
-    state = PartialState(cpu=cfg.DEVICE == "cpu")
+    state = PartialState(cpu=use_cpu(cfg))
     decision = [choose_resume(cfg) if state.is_main_process else None]
     if state.num_processes > 1:
         broadcast_object_list(decision)
