@@ -43,9 +43,10 @@ def word_tokenizer(padding_side="left", append_eos=False, chat_template=None, re
 
 def llama_config(vocab_size, **extra):
     from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0, attention_dropout=0.1, **extra)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, attention_dropout=0.1,
+                       **{**shape, **extra})
 
 
 def save_model(model, tokenizer, folder: Path) -> str:
