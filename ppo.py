@@ -537,22 +537,29 @@ def jsonl_line_of_row(path: str, row: int) -> int:
     return row + 1
 
 
-def find_bad_jsonl_line(path: str) -> str:
+def read_jsonl_rows(path: str, where: str) -> List[dict]:
+    """JSONL read line by line: the fallback when `datasets` cannot read a file, and the way to say exactly
+    which line is wrong (1-based line and column)."""
+    rows = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                return f"{path}, line {number}, column {e.colno}: invalid JSON ({e.msg}). Each line must be one JSON object."
-            if not isinstance(value, dict):
-                return f"{path}, line {number}: expected a JSON object like {{\"problem\": ..., \"solution\": ...}}."
-    return f"{path}: could not be read as JSONL (one JSON object per line)."
+                raise ConfigError(f"{where}: {path}, line {number}, column {e.colno}: invalid JSON ({e.msg}). "
+                                  "Each line must be one JSON object.") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f'{where}: {path}, line {number}: expected a JSON object like '
+                                  f'{{"problem": ..., "solution": ...}}, got {type(row).__name__}.')
+            rows.append(row)
+    return rows
 
 
-def read_dataset(spec: dict, where: str):
-    """Load one {"path", "type", "input", "output"} entry as a datasets.Dataset, or explain what is wrong."""
+def read_dataset(spec: dict, where: str) -> Tuple[str, Dict[str, list]]:
+    """One {"path", "type", "input", "output"} entry -> (resolved path, {column: values}) for the columns the
+    spec names, read with `datasets` (JSONL it cannot read is read line by line, to point at the bad line)."""
     import datasets
     if not isinstance(spec, dict) or not {"path", "type", "input"} <= set(spec):
         raise ConfigError(f'{where} must be like {{"path": "data.jsonl", "type": "jsonl", "input": "problem", '
@@ -565,20 +572,33 @@ def read_dataset(spec: dict, where: str):
         raise ConfigError(f'{where}: type {kind!r} is not supported; use "jsonl" or "parquet".')
     if not Path(path).is_file():
         raise ConfigError(f"{where}: dataset file {spec['path']} not found (working directory: {os.getcwd()}).")
-    if os.path.getsize(path) == 0:
-        raise ConfigError(f"{where}: dataset file {path} is empty.")
     datasets.disable_progress_bars()
     try:
         dataset = (datasets.Dataset.from_json if kind == "jsonl" else datasets.Dataset.from_parquet)(path)
+        names, column = dataset.column_names, dataset.__getitem__
     except Exception as e:
-        if kind == "jsonl":
-            raise ConfigError(f"{where}: {find_bad_jsonl_line(path)}") from None
-        raise ConfigError(f"{where}: {path} is not a readable Parquet file ({type(e).__name__}: {e}).") from None
+        if kind == "parquet":
+            if parquet_rows(path) == 0:
+                raise ConfigError(f"{where}: {path} has no usable rows.") from None
+            raise ConfigError(f"{where}: {path} is not a readable Parquet file ({first_line(e)}).") from None
+        rows = read_jsonl_rows(path, where)
+        if not rows:
+            raise ConfigError(f"{where}: {path} {'is empty' if not os.path.getsize(path) else 'has only blank lines'}"
+                              "; it has no usable rows.") from None
+        names = list(dict.fromkeys(k for row in rows for k in row))
+        column = lambda name: [row.get(name) for row in rows]  # noqa: E731
     for role in ("input", "output"):
-        if role in spec and spec[role] not in dataset.column_names:
-            raise ConfigError(f"{where}: column {spec[role]!r} (\"{role}\") is not in {path}; "
-                              f"its columns are {dataset.column_names}.")
-    return path, dataset
+        if spec.get(role) is not None and spec[role] not in names:
+            raise ConfigError(f"{where}: column {spec[role]!r} (\"{role}\") is not in {path}; its columns are {names}.")
+    return path, {spec[r]: column(spec[r]) for r in ("input", "output") if spec.get(r) is not None}
+
+
+def parquet_rows(path: str) -> Optional[int]:
+    import pyarrow.parquet as pq
+    try:
+        return pq.read_metadata(path).num_rows
+    except Exception:
+        return None
 
 
 def load_prompts(specs: List[dict], limit: int, name: str) -> Tuple[List[str], Dict[str, str]]:
@@ -586,9 +606,11 @@ def load_prompts(specs: List[dict], limit: int, name: str) -> Tuple[List[str], D
     prompts, references = [], {}
     for i, spec in enumerate(specs):
         where = f"{name}[{i}]"
-        path, dataset = read_dataset(spec, where)
-        inputs = dataset[spec["input"]]
-        outputs = dataset[spec["output"]] if spec.get("output") else [None] * len(inputs)
+        path, columns = read_dataset(spec, where)
+        inputs = columns[spec["input"]]
+        outputs = columns[spec["output"]] if spec.get("output") else [None] * len(inputs)
+        if not inputs:
+            raise ConfigError(f"{where}: {path} has no usable rows.")
         for row, (prompt, reference) in enumerate(zip(inputs, outputs)):
             if not isinstance(prompt, str) or not prompt.strip():
                 place = f"line {jsonl_line_of_row(path, row)}" if spec["type"] == "jsonl" else f"row {row + 1}"
@@ -597,8 +619,6 @@ def load_prompts(specs: List[dict], limit: int, name: str) -> Tuple[List[str], D
             prompts.append(prompt)
             if reference is not None:
                 references.setdefault(prompt, str(reference))
-    if not prompts and specs:
-        raise ConfigError(f"{name}: no usable rows in {[s.get('path') for s in specs]}.")
     return (prompts[:limit] if limit else prompts), references
 
 
@@ -636,14 +656,26 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_model_kind(name: str, path: str, config, kind: str) -> None:
+    """kind "causal": a generative model; "reward": a sequence classifier with one label; "critic": either."""
+    architectures = getattr(config, "architectures", None) or []
+    if kind == "causal" and architectures and not any(
+            a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures):
+        raise model_error(name, path, f"is a {architectures[0]}, not a causal language model "
+                          "(AutoModelForCausalLM). Point it at a generative model.")
+    if kind == "reward" and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise model_error(name, path, f"is a {architectures[0] if architectures else 'model'} without a "
+                          "sequence-classification head; the reward model must load with "
+                          "AutoModelForSequenceClassification (num_labels=1).")
+    if kind == "reward" and config.num_labels != 1:
+        raise model_error(name, path, f"has num_labels = {config.num_labels}; a reward model gives one "
+                          "score per sequence (num_labels=1).")
+
+
 def load_causal_lm(name: str, path: str, cfg: Config, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
     resolved, config = load_model_config(name, path, cfg)
-    architectures = getattr(config, "architectures", None) or []
-    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
-                                 for a in architectures):
-        raise model_error(name, path, f"is a {architectures[0]}, not a causal language model "
-                          "(AutoModelForCausalLM). Point it at a generative model.")
+    check_model_kind(name, path, config, "causal")
     model = AutoModelForCausalLM.from_pretrained(resolved, config=config, dtype=dtype,
                                                  trust_remote_code=cfg.TRUST_REMOTE_CODE)
     return disable_dropout(model)
@@ -653,14 +685,7 @@ def load_sequence_classifier(name: str, path: str, cfg: Config, dtype: torch.dty
     """The reward model, or the critic (from a reward model or a causal LM: its `score` head is the value head)."""
     from transformers import AutoModelForSequenceClassification
     resolved, config = load_model_config(name, path, cfg)
-    architectures = getattr(config, "architectures", None) or []
-    if is_reward and not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise model_error(name, path, f"is a {architectures[0] if architectures else 'model'} without a "
-                          "sequence-classification head; the reward model must load with "
-                          "AutoModelForSequenceClassification (num_labels=1).")
-    if is_reward and config.num_labels != 1:
-        raise model_error(name, path, f"has num_labels = {config.num_labels}; a reward model gives one "
-                          "score per sequence (num_labels=1).")
+    check_model_kind(name, path, config, "reward" if is_reward else "critic")
     config.num_labels = 1
     model = AutoModelForSequenceClassification.from_pretrained(resolved, config=config, dtype=dtype,
                                                                trust_remote_code=cfg.TRUST_REMOTE_CODE)
@@ -672,13 +697,43 @@ def load_sequence_classifier(name: str, path: str, cfg: Config, dtype: torch.dty
 
 def load_tokenizer(name: str, path: str, cfg: Config):
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(resolve_path(path), trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    resolved, _ = load_model_config(name, path, cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    except (OSError, ValueError, TypeError) as e:
+        raise model_error(name, path, f"has no usable tokenizer ({first_line(e)}); save one next to the "
+                          "model with tokenizer.save_pretrained(folder).") from None
     if tokenizer.pad_token is None:
         distinct = tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token
         tokenizer.pad_token = tokenizer.unk_token if distinct else tokenizer.eos_token
         logger.info(f"{name}: the tokenizer has no pad token; padding with {tokenizer.pad_token!r} "
                     "(masks never depend on the pad id, so this is safe).")
     return tokenizer
+
+
+def vocab_size(config) -> Optional[int]:
+    return getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+
+
+def stop_token_ids(tokenizer, path: str, config, stop_tokens: List[str]) -> torch.Tensor:
+    """EOS of the tokenizer and of the policy's generation_config (chat models end turns with their own
+    token), plus STOP_TOKENS: a response ends at the first of them."""
+    from transformers import GenerationConfig
+    try:
+        generation = GenerationConfig.from_pretrained(path)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    configured = generation.eos_token_id
+    ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    for token in stop_tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ConfigError(f"STOP_TOKENS: {token!r} is not a single token of the policy's tokenizer.")
+        ids.add(token_id)
+    ids.discard(None)
+    if not ids:
+        raise ConfigError("The policy's tokenizer has no EOS token: add one, or list an end token in STOP_TOKENS.")
+    return torch.tensor(sorted(ids))
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -949,9 +1004,7 @@ class PPOTrainer:
         cfg, ckpt = self.cfg, self.checkpoint
         frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision,
                                                                            torch.float32)
-        self.tokenizer = load_tokenizer("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)
-        self.tokenizer.padding_side = "left"
-        self.reward_tokenizer = load_tokenizer("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
+        self._check_models()
         if cfg.USE_LORA:
             policy = apply_lora(load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, frozen_dtype), cfg,
                                 adapter=str(ckpt / "policy_adapter") if ckpt else None)
@@ -970,7 +1023,6 @@ class PPOTrainer:
         parked = "cpu" if cfg.OFFLOAD_REF_AND_REWARD else self.device
         self.ref = PolicyAndCritic(reference, None).to(self.device if cfg.USE_LORA else parked)
         self.reward_model = reward.requires_grad_(False).eval().to(parked)
-        self.stop_ids = self._stop_token_ids(policy)
         groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}
                   for m, lr in ((policy, cfg.LEARNING_RATE), (critic, cfg.CRITIC_LEARNING_RATE)) if m is not None]
         optimizer = torch.optim.AdamW(groups, weight_decay=cfg.WEIGHT_DECAY)
@@ -999,19 +1051,24 @@ class PPOTrainer:
         finally:
             model.to("cpu")
 
-    def _stop_token_ids(self, policy) -> torch.Tensor:
-        ids = {self.tokenizer.eos_token_id}
-        configured = policy.generation_config.eos_token_id
-        ids.update(configured if isinstance(configured, list) else [configured])
-        for token in self.cfg.STOP_TOKENS:
-            token_id = self.tokenizer.convert_tokens_to_ids(token)
-            if token_id is None or token_id == self.tokenizer.unk_token_id:
-                raise ConfigError(f"STOP_TOKENS: {token!r} is not a single token of the policy's tokenizer.")
-            ids.add(token_id)
-        ids.discard(None)
-        if not ids:
-            raise ConfigError("The policy's tokenizer has no EOS token: add one, or list an end token in STOP_TOKENS.")
-        return torch.tensor(sorted(ids))
+    def _check_models(self) -> None:
+        """Configs, tokenizers and stop tokens of every model, checked before any weights load."""
+        cfg = self.cfg
+        policy_path, policy_config = load_model_config("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)
+        check_model_kind("ACTOR_MODEL", cfg.ACTOR_MODEL, policy_config, "causal")
+        _, reward_config = load_model_config("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
+        check_model_kind("REWARD_MODEL", cfg.REWARD_MODEL, reward_config, "reward")
+        self.tokenizer = load_tokenizer("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)
+        self.tokenizer.padding_side = "left"
+        self.reward_tokenizer = load_tokenizer("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
+        self.stop_ids = stop_token_ids(self.tokenizer, policy_path, policy_config, cfg.STOP_TOKENS)
+        if cfg.ADVANTAGE_ESTIMATOR == "gae":
+            _, critic_config = load_model_config("CRITIC_MODEL", cfg.CRITIC_MODEL, cfg)
+            critic_vocab = vocab_size(critic_config)
+            if critic_vocab is not None and critic_vocab < len(self.tokenizer):
+                raise model_error("CRITIC_MODEL", cfg.CRITIC_MODEL, f"has a vocabulary of {critic_vocab} tokens, "
+                                  f"fewer than the policy's {len(self.tokenizer)}: the critic reads the policy's "
+                                  "tokens, so start it from a model with the policy's tokenizer.")
 
     @property
     def policy(self) -> nn.Module:
@@ -1502,6 +1559,10 @@ class PPOTrainer:
             train_prompts, eval_prompts, references = load_data(self.cfg)
             self.references.update(references)
         eval_prompts = list(eval_prompts or [])
+        if self.checkpoint is None and holds_run(self.output_dir):
+            raise ConfigError(f"OUTPUT_DIR = {str(self.output_dir)!r} already holds a run (checkpoints or "
+                              "logs/metrics.jsonl). Resume it (RESUME = 'yes', or resume_from_checkpoint=...), or "
+                              "choose another OUTPUT_DIR; nothing there is overwritten.")
         self.prepare_prompts(list(train_prompts) + eval_prompts)
         self.plan = self.make_plan(len(train_prompts))
         self._start_outputs()
@@ -1592,10 +1653,14 @@ class PPOTrainer:
         self.wandb_run = None
         if not self.is_main:
             return
-        (self.output_dir / "training_config.json").write_text(json.dumps(self.cfg, indent=2, ensure_ascii=False))
         metrics_path = self.output_dir / "logs" / "metrics.jsonl"
-        truncate_metrics(metrics_path, self.state.global_step if self.checkpoint else -1)
-        self.metrics_file = open(metrics_path, "a", encoding="utf-8")
+        try:
+            (self.output_dir / "training_config.json").write_text(json.dumps(self.cfg, indent=2, ensure_ascii=False))
+            truncate_metrics(metrics_path, self.state.global_step if self.checkpoint else -1)
+            self.metrics_file = open(metrics_path, "a", encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"OUTPUT_DIR = {str(self.output_dir)!r} is not writable ({e.strerror}); choose "
+                              "another folder or fix its permissions.") from None
         logger.info(f"Log: {self.log_path}; metrics: {metrics_path}")
         if self.cfg.USE_WANDB:
             self.wandb_run = start_wandb(self.cfg, self.output_dir, resuming=self.checkpoint is not None)
@@ -1664,7 +1729,12 @@ class PPOTrainer:
                     self._write_model(self.critic, tmp / "critic", self.reward_tokenizer)
                 torch.save(state, tmp / "training_state.pt")
                 (tmp / "config.json").write_text(json.dumps(self.cfg, indent=2, ensure_ascii=False))
-            write_atomically(path, write)
+            try:
+                write_atomically(path, write)
+            except OSError as e:
+                raise TrainingError(f"Could not write checkpoint {path}: {e.strerror or first_line(e)}. Free space "
+                                    f"on the disk holding {path.parent} (or fix its permissions); the previous "
+                                    "checkpoints there are intact. Run again to resume from the latest.") from None
             logger.info(f"Checkpoint saved: {path}")
             rotate_checkpoints(self.output_dir / "checkpoints", self.cfg.SAVE_TOTAL_LIMIT,
                                keep=self.state.best_step if self.cfg.EARLY_STOPPING_PATIENCE else None)
@@ -1709,8 +1779,12 @@ def write_atomically(final: Path, write) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)                          # a leftover of an interrupted save of ours
     tmp.mkdir(parents=True)
-    write(tmp)
-    fsync_tree(tmp)
+    try:
+        write(tmp)
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = final.parent / f".old_{final.name}"
     if final.exists():
         final.rename(old)
@@ -1718,6 +1792,12 @@ def write_atomically(final: Path, write) -> None:
     fsync_path(final.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+def holds_run(output_dir) -> bool:
+    """Whether a training run has already written checkpoints or metrics into this folder."""
+    metrics = Path(output_dir) / "logs" / "metrics.jsonl"
+    return bool(list_checkpoints(output_dir)) or (metrics.exists() and metrics.stat().st_size > 0)
 
 
 def list_checkpoints(output_dir) -> List[Tuple[int, Path]]:
@@ -1823,9 +1903,10 @@ def setup_logging(output_dir: Path, is_main: bool) -> Optional[Path]:
 
 def progress_postfix(metrics: Dict[str, float]) -> str:
     """The guide's terminal line: PL:0.3245 VL:0.1234 R:1.56 A:0.23 E:0.678 LR:1.00e-06"""
-    return (f"PL:{metrics['ppo/loss/policy']:.4f} VL:{metrics.get('ppo/loss/value', 0.0):.4f} "
-            f"R:{metrics['objective/score']:.2f} A:{metrics['ppo/advantages_mean']:.2f} "
-            f"E:{metrics['objective/entropy']:.3f} LR:{metrics['lr/policy']:.2e}")
+    value = {k: metrics.get(k, math.nan) for k in ("ppo/loss/policy", "ppo/loss/value", "objective/score",
+                                                    "ppo/advantages_mean", "objective/entropy", "lr/policy")}
+    return (f"PL:{value['ppo/loss/policy']:.4f} VL:{value['ppo/loss/value']:.4f} R:{value['objective/score']:.2f} "
+            f"A:{value['ppo/advantages_mean']:.2f} E:{value['objective/entropy']:.3f} LR:{value['lr/policy']:.2e}")
 
 
 def json_safe(value):
@@ -1964,8 +2045,11 @@ def choose_resume(cfg: Config) -> Tuple[Optional[str], Config, str]:
     if cfg.RESUME not in ("ask", "yes", "no"):
         return cfg.RESUME, cfg, f"Resuming from {cfg.RESUME} (RESUME)"
     checkpoints = list_checkpoints(cfg.OUTPUT_DIR)
-    if cfg.RESUME == "no" or not checkpoints:
-        return None, cfg, ""
+    fresh = f"{cfg.OUTPUT_DIR.rstrip('/')}_{time.strftime('%Y%m%d_%H%M%S')}"
+    start_over = (None, Config({**cfg, "OUTPUT_DIR": fresh}),
+                  f"Starting a new run in {fresh}; the run in {cfg.OUTPUT_DIR} is left untouched")
+    if not checkpoints or cfg.RESUME == "no":
+        return start_over if holds_run(cfg.OUTPUT_DIR) else (None, cfg, "")
     latest = checkpoints[-1][1]
     if cfg.RESUME == "yes":
         return str(latest), cfg, f"Resuming from {latest} (RESUME = 'yes')"
@@ -1975,11 +2059,7 @@ def choose_resume(cfg: Config) -> Tuple[Optional[str], Config, str]:
     answer = ask_yes_no("是否从检查点恢复训练？(y/n): ")
     if answer is None:
         return str(latest), cfg, f"Found {latest}; no answer (end of input), so resuming from it"
-    if answer:
-        return str(latest), cfg, f"Resuming from {latest}"
-    fresh = f"{cfg.OUTPUT_DIR.rstrip('/')}_{time.strftime('%Y%m%d_%H%M%S')}"
-    return None, Config({**cfg, "OUTPUT_DIR": fresh}), (
-        f"Starting a new run in {fresh}; the checkpoints in {cfg.OUTPUT_DIR} are left untouched")
+    return (str(latest), cfg, f"Resuming from {latest}") if answer else start_over
 
 
 def agree_on_resume(cfg: Config) -> Tuple[Optional[str], Config, str]:

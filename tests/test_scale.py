@@ -84,10 +84,10 @@ def test_two_processes_give_the_gradient_of_one(tiny, tmp_path, make_trainer):
     assert any(g.abs().sum() > 0 for g in single.values())
 
 
-def test_critic_free_estimators_load_no_critic(make_trainer):
+def test_critic_free_estimators_load_no_critic(make_trainer, tmp_path):
     for estimator in ("grpo", "rloo", "reinforce++"):
         trainer = make_trainer(ADVANTAGE_ESTIMATOR=estimator, GROUP_SIZE=4, MAX_STEPS=1, SAVE_EVERY_N_STEPS=1,
-                               EVAL_DATASETS=[])
+                               EVAL_DATASETS=[], OUTPUT_DIR=str(tmp_path / estimator))
         assert trainer.critic is None and len(trainer.optimizer.param_groups) == 1
         rollout, metrics, _ = trainer.make_rollout(PROMPTS[:2])
         mask = rollout.response_mask
