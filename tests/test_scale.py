@@ -142,7 +142,9 @@ import json, resource, sys
 sys.path.insert(0, {root!r})
 import ppo
 trainer = ppo.PPOTrainer(**json.load(open(sys.argv[1])))
-trainer.train()
+prompts, _, _ = ppo.load_data(trainer.cfg)
+trainer.prepare_prompts(prompts[:4])
+trainer.train_step(prompts[:4])                      # one PPO step, without the charts drawn at the end of train()
 trainable = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
 print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "trainable": trainable}}))
 """
