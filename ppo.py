@@ -345,20 +345,21 @@ class _LogprobsAndEntropy(torch.autograd.Function):
     """log pi(token) and entropy H(pi) of softmax(logits / T), one row chunk at a time.
 
     Autograd through log_softmax keeps several (B, T, V) float32 tensors alive; this keeps only the
-    logits (whatever their dtype) and recomputes the softmax of one chunk in backward:
+    logits (whatever their dtype) and recomputes the softmax of one chunk in backward, in place:
         d logp_y / dz = onehot(y) - p,    dH / dz = -p * (log p + H),    z = logits / T.
     """
 
     @staticmethod
-    def forward(ctx, logits, tokens, temperature, chunk_rows):
+    def forward(ctx, logits, tokens, temperature, chunk_rows, with_entropy):
         logprobs = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)
-        entropy = torch.empty_like(logprobs)
+        entropy = torch.zeros_like(logprobs)
         for start in range(0, logits.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            z = logits[rows].float() / temperature                     # (rows, V)
+            z = scaled_logits(logits[rows], temperature)                            # (rows, V) float32
             log_z = torch.logsumexp(z, dim=-1)
             logprobs[rows] = z.gather(1, tokens[rows, None]).squeeze(1) - log_z
-            entropy[rows] = log_z - (torch.softmax(z, dim=-1) * z).sum(-1)
+            if with_entropy:
+                entropy[rows] = log_z - torch.softmax(z, dim=-1).mul_(z).sum(-1)
         ctx.save_for_backward(logits, tokens, entropy)
         ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
         return logprobs, entropy
@@ -369,7 +370,8 @@ class _LogprobsAndEntropy(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            grad = torch.log_softmax(logits[rows].float() / ctx.temperature, dim=-1)   # (rows, V), log p
+            grad = scaled_logits(logits[rows], ctx.temperature)
+            grad.sub_(torch.logsumexp(grad, dim=-1, keepdim=True))                 # log p, in place
             p = grad.exp()
             g_lp = grad_logprobs[rows, None] if grad_logprobs is not None else torch.zeros_like(p[:, :1])
             if grad_entropy is not None:                 # in place: -p * (g_lp + g_H * (log p + H))
@@ -378,16 +380,26 @@ class _LogprobsAndEntropy(torch.autograd.Function):
                 grad.copy_(g_lp.expand_as(grad))
             grad.mul_(p).neg_()
             grad.scatter_add_(1, tokens[rows, None], g_lp)
-            grad_logits[rows] = (grad / ctx.temperature).to(logits.dtype)
-        return grad_logits, None, None, None
+            if ctx.temperature != 1.0:
+                grad.div_(ctx.temperature)
+            grad_logits[rows] = grad
+        return grad_logits, None, None, None, None
 
 
-def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
-    """logits (B, T, V) of any float dtype, tokens (B, T) -> (log pi(token) (B, T), entropy (B, T)), float32."""
+def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A float32 copy of logits / T (always a copy: the caller's logits stay as they are)."""
+    z = logits.to(torch.float32, copy=True)
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                         with_entropy: bool = True):
+    """logits (B, T, V) of any float dtype, tokens (B, T) -> (log pi(token) (B, T), entropy (B, T)), float32.
+    with_entropy=False skips the entropy (returned as zeros), e.g. for the reference model."""
     batch, length, vocab = logits.shape
-    chunk_rows = max(1, (1 << 24) // vocab)       # 64 MB per float32 temporary; two or three alive at once
+    chunk_rows = max(1, (1 << 24) // vocab)       # 64 MB per float32 temporary; two alive at once
     logprobs, entropy = _LogprobsAndEntropy.apply(
-        logits.reshape(batch * length, vocab), tokens.reshape(-1), float(temperature), chunk_rows)
+        logits.reshape(batch * length, vocab), tokens.reshape(-1), float(temperature), chunk_rows, with_entropy)
     return logprobs.view(batch, length), entropy.view(batch, length)
 
 
@@ -845,10 +857,16 @@ class Rollout:
     has_eos: torch.Tensor                        # (B,) bool
     scores: Optional[torch.Tensor] = None        # (B,) score of each response, penalties included
     old_logprobs: Optional[torch.Tensor] = None  # (B, T) log pi_old(token) at TEMPERATURE
+    entropy: Optional[torch.Tensor] = None       # (B, T) entropy of pi_old at each token
     ref_logprobs: Optional[torch.Tensor] = None  # (B, T) log pi_ref(token)
     values: Optional[torch.Tensor] = None        # (B, T) V_old
     advantages: Optional[torch.Tensor] = None    # (B, T) whitened
     returns: Optional[torch.Tensor] = None       # (B, T)
+
+    def __post_init__(self):
+        # Lengths on the host, so that cutting micro-batches to size never waits for the accelerator.
+        self.query_lengths = self.query_mask.sum(1).cpu()
+        self.response_lengths = self.response_mask.sum(1).cpu()
 
     def __len__(self):
         return len(self.prompts)
@@ -856,8 +874,8 @@ class Rollout:
     def select(self, idx: torch.Tensor) -> "Rollout":
         """The sequences `idx`, cut to their own longest prompt and response (no global padding)."""
         idx_list = idx.tolist()
-        prompt_len = int(self.query_mask[idx].sum(1).max())
-        response_len = int(self.response_mask[idx].sum(1).max())
+        prompt_len = int(self.query_lengths[idx].max())
+        response_len = int(self.response_lengths[idx].max())
         picked = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -1117,8 +1135,9 @@ class PPOTrainer:
         """Sampling from the full softmax(logits / T): every filter the model's generation_config may
         set (top-k, top-p, min-p, typical, repetition penalties, minimum length) is neutralised."""
         from transformers import GenerationConfig
-        sampling = {"temperature": self.cfg.TEMPERATURE, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
-                    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0} if do_sample else {}
+        sampling = {"temperature": self.cfg.TEMPERATURE, "top_k": 0, "top_p": 1.0, "typical_p": 1.0,
+                    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,   # min_p = 0.0 would still add a no-op warper
+                    "min_p": None if self.policy.generation_config.min_p is None else 0.0} if do_sample else {}
         return GenerationConfig(
             do_sample=do_sample, max_new_tokens=max_new_tokens, min_new_tokens=0, num_beams=1,
             repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True, **sampling,
@@ -1224,28 +1243,40 @@ class PPOTrainer:
         return list(torch.arange(n).split(self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE))
 
     @torch.no_grad()
-    def forward_rollout(self, rollout: Rollout) -> Dict[str, torch.Tensor]:
-        """Step 4: one no-grad pass each for log pi_old, log pi_ref and V_old, in micro-batches, on the
-        numeric path the update uses, so that the first update's ratio is exactly 1."""
+    def forward_rollout(self, rollout: Rollout, reference_only: bool = False) -> Dict[str, torch.Tensor]:
+        """Step 4: one no-grad pass each for log pi_ref, and (unless reference_only) log pi_old and V_old on
+        the numeric path the update uses, so that the first update's ratio is exactly 1."""
         batch, length = rollout.response_ids.shape
-        logprobs, ref_logprobs, values, entropy = (torch.zeros(batch, length, device=self.device) for _ in range(4))
+        ref_logprobs = torch.zeros(batch, length, device=self.device)
         model = self.accelerator.unwrap_model(self.model)
         for idx in self._micro_batches(batch):
             mb = rollout.select(idx)
             ids, attention = mb.sequences()
             t = mb.response_ids.shape[1]
             with self.accelerator.autocast(), self.on_device(self.ref):
-                logits, mb_values = model(ids, attention, t)
-                logprobs[idx, :t], entropy[idx, :t] = logprobs_and_entropy(logits, mb.response_ids, self.cfg.TEMPERATURE)
                 with self.policy.disable_adapter() if self.cfg.USE_LORA else contextlib.nullcontext():
                     ref_logits, _ = self.ref(ids, attention, t)
-                ref_logprobs[idx, :t] = logprobs_and_entropy(ref_logits, mb.response_ids, self.cfg.TEMPERATURE)[0]
-            if mb_values is not None:
-                values[idx, :t] = mb_values
-            del logits, ref_logits
-        rollout.old_logprobs, rollout.ref_logprobs = logprobs, ref_logprobs
-        rollout.values = values if model.critic is not None else None
-        return {"objective/entropy": masked_mean(entropy, rollout.response_mask)}
+                ref_logprobs[idx, :t] = logprobs_and_entropy(ref_logits, mb.response_ids, self.cfg.TEMPERATURE,
+                                                             with_entropy=False)[0]
+                del ref_logits
+                if not reference_only:
+                    logits, values = model(ids, attention, t)
+                    self.adopt_policy_pass(rollout, idx, *logprobs_and_entropy(logits, mb.response_ids,
+                                                                               self.cfg.TEMPERATURE), values)
+                    del logits
+        rollout.ref_logprobs = ref_logprobs
+        return {} if reference_only else {"objective/entropy": masked_mean(rollout.entropy, rollout.response_mask)}
+
+    def adopt_policy_pass(self, rollout: Rollout, idx: torch.Tensor, logprobs, entropy, values) -> None:
+        """Store a pass of the unchanged policy and critic over sequences idx as log pi_old, entropy, V_old."""
+        if rollout.old_logprobs is None:
+            shape = rollout.response_ids.shape
+            rollout.old_logprobs, rollout.entropy = torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device)
+            rollout.values = torch.zeros(shape, device=self.device) if values is not None else None
+        t = logprobs.shape[1]
+        rollout.old_logprobs[idx, :t], rollout.entropy[idx, :t] = logprobs.detach(), entropy.detach()
+        if values is not None:
+            rollout.values[idx, :t] = values.detach().float()
 
     def compute_advantages(self, rollout: Rollout) -> Dict[str, torch.Tensor]:
         """Steps 5-6: r_t = -beta * KL_t plus the score at the last token; advantages by ADVANTAGE_ESTIMATOR:
@@ -1274,10 +1305,13 @@ class PPOTrainer:
                 "ppo/advantages_mean": masked_mean(advantages, mask), **metrics,
                 "response/length": mask.sum(1).float().mean(), "response/eos_rate": rollout.has_eos.float().mean()}
 
-    def make_rollout(self, prompts: List[str]) -> Tuple[Rollout, Dict[str, torch.Tensor], Dict[str, float]]:
+    def make_rollout(self, prompts: List[str], reuse_first_pass: bool = False
+                     ) -> Tuple[Rollout, Dict[str, torch.Tensor], Dict[str, float]]:
         """The rollout recipe: 1 generate GROUP_SIZE responses per prompt and cut them at the stop token,
         2 score, 3 penalise a missing EOS, 4 logprobs / reference logprobs / values, 5 KL-shaped rewards,
-        6 GAE and whitening."""
+        6 GAE and whitening. With reuse_first_pass and a rollout that is a single micro-batch, steps 4
+        (policy and critic) to 6 are left to the update: its first forward runs the same weights on the
+        same tokens, so it is the rollout's pass, and one policy and one critic forward are saved."""
         timings: Dict[str, float] = {}
         with self._timed(timings, "generate"):
             rollout = self.generate_response([p for p in prompts for _ in range(self.cfg.GROUP_SIZE)])
@@ -1285,9 +1319,12 @@ class PPOTrainer:
         with self._timed(timings, "score"):
             metrics = self.score_rollout(rollout)
         self._check_signal()
+        deferred = reuse_first_pass and len(rollout) <= self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE and \
+            self.cfg.NUM_MINI_BATCHES == 1
         with self._timed(timings, "forward"):
-            metrics.update(self.forward_rollout(rollout))
-            metrics.update(self.compute_advantages(rollout))
+            metrics.update(self.forward_rollout(rollout, reference_only=deferred))
+            if not deferred:
+                metrics.update(self.compute_advantages(rollout))
         return rollout, metrics, timings
 
     # -- update ---------------------------------------------------------------------------------
@@ -1306,9 +1343,12 @@ class PPOTrainer:
                            for mb in minibatches])
         return epochs
 
-    def accumulate_gradients(self, rollout: Rollout, micro_batches: List[torch.Tensor]) -> torch.Tensor:
+    def accumulate_gradients(self, rollout: Rollout, micro_batches: List[torch.Tensor],
+                             metrics: Optional[dict] = None) -> torch.Tensor:
         """Forward and backward over one minibatch; every loss is a token sum divided by the minibatch's
-        token count, so the accumulated gradient does not depend on how it is split. Returns stat sums."""
+        token count, so the accumulated gradient does not depend on how it is split. Returns stat sums.
+        A rollout without advantages yet (make_rollout's reuse_first_pass) takes its old logprobs and values
+        from this forward, then its advantages (their metrics go into `metrics`)."""
         cfg, mask_of = self.cfg, rollout.response_mask
         tokens = self._all_sum(sum(mask_of[idx].sum() for idx in micro_batches).float())
         normalizer = tokens / self.accelerator.num_processes        # DDP averages gradients over processes
@@ -1322,6 +1362,11 @@ class PPOTrainer:
                 with self.accelerator.autocast():
                     logits, values = self.model(ids, attention, mb.response_ids.shape[1])
                 logprobs, entropy = logprobs_and_entropy(logits, mb.response_ids, cfg.TEMPERATURE)
+                if rollout.advantages is None:
+                    self.adopt_policy_pass(rollout, idx, logprobs, entropy, values)
+                    metrics.update(self.compute_advantages(rollout))
+                    metrics["objective/entropy"] = masked_mean(rollout.entropy, rollout.response_mask)
+                    mb = rollout.select(idx)
                 pg_loss, pg_clipped = clipped_policy_loss(logprobs, mb.old_logprobs, mb.advantages, cfg.CLIP_RANGE)
                 loss = masked_sum(pg_loss, mask) - cfg.ENTROPY_COEF * masked_sum(entropy, mask)
                 if values is None:
@@ -1373,10 +1418,11 @@ class PPOTrainer:
         cfg = self.cfg
         totals = torch.zeros(len(self.UPDATE_STATS), device=self.device)
         norms, skipped, epochs_done = [], 0, 0
+        rollout_metrics: Dict[str, torch.Tensor] = {}
         for minibatches in self.minibatch_schedule(len(rollout), self.state.global_step):
             epoch_totals = torch.zeros_like(totals)
             for micro_batches in minibatches:
-                epoch_totals += self.accumulate_gradients(rollout, micro_batches)
+                epoch_totals += self.accumulate_gradients(rollout, micro_batches, rollout_metrics)
                 step_norms, stepped = self.optimizer_step()
                 norms.append(step_norms)
                 skipped += not stepped
@@ -1387,7 +1433,7 @@ class PPOTrainer:
         stat = dict(zip(self.UPDATE_STATS, totals))
         per_token = {k: v / stat["tokens"].clamp(min=1) for k, v in stat.items()}
         norms = torch.stack(norms)
-        metrics = {"ppo/loss/policy": per_token["pg_loss"], "ppo/policy/entropy": per_token["entropy"],
+        metrics = {**rollout_metrics, "ppo/loss/policy": per_token["pg_loss"], "ppo/policy/entropy": per_token["entropy"],
                    "ppo/policy/clipfrac": per_token["pg_clipped"], "ppo/policy/approx_kl": per_token["approx_kl"],
                    "ppo/ratio_mean": per_token["ratio"], "ppo/epochs": torch.tensor(float(epochs_done)),
                    "ppo/skipped_optimizer_steps": torch.tensor(float(skipped)),
@@ -1400,9 +1446,9 @@ class PPOTrainer:
     def train_step(self, prompts: List[str]) -> Dict[str, float]:
         """One PPO step on this process's prompts: a rollout, then the update. Returns reduced metrics."""
         start = time.perf_counter()
-        rollout, metrics, timings = self.make_rollout(prompts)
-        finite = torch.isfinite(torch.stack([t.sum() for t in (rollout.scores, rollout.advantages, rollout.returns)
-                                             if t is not None]))
+        rollout, metrics, timings = self.make_rollout(prompts, reuse_first_pass=True)
+        finite = torch.isfinite(torch.stack([t.sum() for t in (rollout.scores, rollout.ref_logprobs,
+                                                                rollout.advantages, rollout.returns) if t is not None]))
         self._check_signal()
         if bool(self._all_sum((~finite).any().float()) == 0):
             with self._timed(timings, "update"):

@@ -1,4 +1,5 @@
 """PPO invariants on real (tiny, random) transformers models: what a correct rollout and update must satisfy."""
+import dataclasses
 import json
 
 import pytest
@@ -58,7 +59,7 @@ def test_padding_content_changes_nothing(make_trainer):
     loss, gradient or metric changes."""
     trainer = make_trainer(STOP_TOKENS=["1", "2", "3"], MAX_NEW_TOKENS=10)
     rollout, _, _ = trainer.make_rollout(PROMPTS)
-    garbage = ppo.Rollout(**vars(rollout))
+    garbage = dataclasses.replace(rollout)
     g = torch.Generator().manual_seed(0)
     vocab = len(trainer.tokenizer)
     garbage.query_ids = torch.where(rollout.query_mask, rollout.query_ids,
@@ -176,3 +177,21 @@ def test_long_prompts_keep_their_end_with_one_warning(make_trainer, caplog):
     assert len(warnings) == 1 and "4 of 5 prompts" in warnings[0].getMessage()
     full = trainer.tokenizer(PROMPTS[1])["input_ids"]
     assert trainer.prompt_ids[PROMPTS[1]] == full[-5:]
+
+
+def test_reusing_the_first_pass_changes_nothing(make_trainer, tmp_path):
+    """A rollout that is one micro-batch takes log pi_old and V_old from the update's first forward instead of a
+    separate pass: same advantages, same updated weights as the separate-pass path."""
+    fused = make_trainer(OUTPUT_DIR=str(tmp_path / "a"), STOP_TOKENS=["1", "2", "3"], MAX_NEW_TOKENS=10)
+    separate = make_trainer(OUTPUT_DIR=str(tmp_path / "b"), STOP_TOKENS=["1", "2", "3"], MAX_NEW_TOKENS=10)
+    rollout, _, _ = fused.make_rollout(PROMPTS, reuse_first_pass=True)
+    assert rollout.old_logprobs is None and rollout.advantages is None and rollout.ref_logprobs is not None
+    copy = dataclasses.replace(rollout)
+    separate.forward_rollout(copy)
+    separate.compute_advantages(copy)
+    metrics_fused, metrics_separate = fused.ppo_update(rollout), separate.ppo_update(copy)
+    for field in ("old_logprobs", "values", "advantages", "returns"):
+        torch.testing.assert_close(getattr(rollout, field), getattr(copy, field), atol=1e-6, rtol=1e-5)
+    assert metrics_fused["ppo/ratio_mean"] == pytest.approx(float(metrics_separate["ppo/ratio_mean"]), abs=1e-6)
+    for (name, p), q in zip(fused.model.named_parameters(), separate.model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)

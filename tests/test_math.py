@@ -455,7 +455,7 @@ def shipped_grad(logits, tokens, temperature, grad_lp, grad_ent, chunk_rows=None
     if chunk_rows is None:
         lp, ent = ppo.logprobs_and_entropy(leaf, tokens, temperature)
     else:
-        lp, ent = ppo._LogprobsAndEntropy.apply(leaf, tokens, float(temperature), chunk_rows)
+        lp, ent = ppo._LogprobsAndEntropy.apply(leaf, tokens, float(temperature), chunk_rows, True)
     objective = sum((out * up).sum() for out, up in ((lp, grad_lp), (ent, grad_ent)) if up is not None)
     return torch.autograd.grad(objective, leaf)[0]
 
@@ -514,7 +514,7 @@ def test_logprobs_and_entropy_row_chunks(chunk_rows, dtype):
     backward agree with the reference on every row, so chunk boundaries lose and mix nothing."""
     rows, vocab, temperature = 10, 33, 0.7
     logits, tokens, grad_lp, grad_ent = lp_inputs(70 + chunk_rows, (rows, vocab), dtype)
-    lp, ent = ppo._LogprobsAndEntropy.apply(logits, tokens, temperature, chunk_rows)
+    lp, ent = ppo._LogprobsAndEntropy.apply(logits, tokens, temperature, chunk_rows, True)
     ref_lp, ref_ent = reference_logprobs_entropy(logits.double(), tokens, temperature)
     assert_close(lp.double(), ref_lp, rtol=1e-5, atol=1e-5)
     assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-5)
@@ -780,3 +780,11 @@ def test_group_advantages_are_per_group():
         assert_close(ppo.group_advantages(rewards, 4, estimator), ppo.group_advantages(shifted, 4, estimator))
     with pytest.raises(ValueError):
         ppo.group_advantages(rewards, 4, "ppo")
+
+
+def test_logprobs_without_entropy():
+    """with_entropy=False gives the same logprobs (and zeros for the entropy it skipped)."""
+    logits, tokens, _, _ = lp_inputs(95, (3, 4, 11), torch.float32)
+    lp, ent = ppo.logprobs_and_entropy(logits, tokens, 0.7, with_entropy=False)
+    ref_lp, _ = ppo.logprobs_and_entropy(logits, tokens, 0.7)
+    assert torch.equal(lp, ref_lp) and torch.equal(ent, torch.zeros_like(ent))

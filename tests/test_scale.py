@@ -1,4 +1,5 @@
 """Scale and memory: torchrun (gloo on CPU), gradient equivalence across processes, LoRA, critic-free runs."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -69,7 +70,7 @@ def test_two_processes_give_the_gradient_of_one(tiny, tmp_path, make_trainer):
     rollout, _, _ = trainer.make_rollout(PROMPTS)
     lengths = rollout.response_mask.sum(1)
     assert lengths[0::2].sum() != lengths[1::2].sum(), "want unequal token counts on the two processes"
-    torch.save({k: v for k, v in vars(rollout).items()}, tmp_path / "rollout.pt")
+    torch.save({f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout)}, tmp_path / "rollout.pt")
     trainer.accumulate_gradients(rollout, [torch.arange(len(rollout))])
     single = {n: p.grad.clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
     (tmp_path / "run.json").write_text(json.dumps(settings))
