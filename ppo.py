@@ -1459,7 +1459,7 @@ class PPOTrainer:
             metrics["ppo/skipped_optimizer_steps"] = torch.tensor(float(self.cfg.GROUP_EPOCHES))
         metrics = self._reduce_metrics(metrics)
         self._count_skips(metrics["ppo/skipped_optimizer_steps"] > 0)
-        if self.cfg.ADAPTIVE_KL:
+        if self.cfg.ADAPTIVE_KL and math.isfinite(metrics.get("objective/kl", math.nan)):  # not after a skip
             self.state.kl_coef = adaptive_kl_coef(self.state.kl_coef, metrics["objective/kl"],
                                                   len(rollout) * self.accelerator.num_processes,
                                                   self.cfg.ADAPTIVE_KL_TARGET, self.cfg.ADAPTIVE_KL_HORIZON)
@@ -1671,7 +1671,7 @@ class PPOTrainer:
             stop = self.track_eval_metric(eval_metrics)
         self._log_row(metrics)
         bar.set_description_str(f"Epoch {s.epoch + 1}/{cfg.NUM_EPOCHES}: {progress_postfix(metrics)}")
-        if metrics["objective/kl"] < -0.1 and cfg.KL_ESTIMATOR == "k1" and not getattr(self, "_warned_kl", False):
+        if metrics.get("objective/kl", 0.0) < -0.1 and cfg.KL_ESTIMATOR == "k1" and not getattr(self, "_warned_kl", False):
             self._warned_kl = True
             logger.warning(f"Mean KL is negative ({metrics['objective/kl']:.3f}): responses are not sampled from "
                            "the policy itself (filtered sampling, a changed generate, or a temperature mismatch).")

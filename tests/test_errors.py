@@ -562,11 +562,12 @@ def test_non_finite_reward_skips_the_step_untouched(bad, tiny, tmp_path, capsys,
     out = tmp_path / "out"
     cls = use_trainer(monkeypatch, BadRewards, bad_calls=(2,), bad=bad)
     settings = tiny_settings(tiny, out, **{**FAST, "MAX_STEPS": 3, "GROUP_EPOCHES": 2, "SAVE_EVERY_N_STEPS": 1,
-                                           "USE_LR_SCHEDULER": True, "WARMUP_STEPS": 20})
+                                           "USE_LR_SCHEDULER": True, "WARMUP_STEPS": 20, "ADAPTIVE_KL": True})
     code, err = run_main([write_config(tmp_path, settings)], capsys)
     assert_no_traceback(err)
     assert code == 0, err[-3000:]
     trainer = cls.instances[-1]
+    assert math.isfinite(trainer.state.kl_coef), "a skipped step fed its NaN KL to the KL controller"
     assert len(trainer.steps) == 3
     (b1, a1, m1), (b2, a2, m2), (b3, a3, m3) = trainer.steps
     assert differences(b2, a2) == [], "the skipped step changed weights, optimizer state or the lr schedule"
@@ -633,11 +634,12 @@ def test_nan_gradient_skips_that_optimizer_step(tiny, tmp_path, capsys, monkeypa
     out = tmp_path / "out"
     cls = use_trainer(monkeypatch, NaNGradient)
     settings = tiny_settings(tiny, out, **{**FAST, "MAX_STEPS": 2, "GROUP_EPOCHES": 2, "SAVE_EVERY_N_STEPS": 1,
-                                           "USE_LR_SCHEDULER": True, "WARMUP_STEPS": 20})
+                                           "USE_LR_SCHEDULER": True, "WARMUP_STEPS": 20, "ADAPTIVE_KL": True})
     code, err = run_main([write_config(tmp_path, settings)], capsys)
     assert_no_traceback(err)
     assert code == 0, err[-3000:]
     trainer = cls.instances[-1]
+    assert math.isfinite(trainer.state.kl_coef), "a skipped step fed its NaN KL to the KL controller"
     before, after, stepped, norms = trainer.poisoned
     assert not stepped and not torch.isfinite(norms[0])
     assert before["optimizer"], "the poisoned step should come after an optimizer step that made Adam state"

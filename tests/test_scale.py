@@ -139,7 +139,7 @@ def test_lora_trains_few_parameters_and_saves_a_plain_model(make_trainer):
 
 
 MEMORY_DRIVER = """
-import json, resource, sys
+import json, re, sys
 sys.path.insert(0, {root!r})
 import ppo
 trainer = ppo.PPOTrainer(**json.load(open(sys.argv[1])))
@@ -147,7 +147,9 @@ prompts, _, _ = ppo.load_data(trainer.cfg)
 trainer.prepare_prompts(prompts[:4])
 trainer.train_step(prompts[:4])                      # one PPO step, without the charts drawn at the end of train()
 trainable = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
-print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "trainable": trainable}}))
+# VmHWM is this process's own peak; ru_maxrss can report the parent's (pytest's) peak inherited over the spawn
+peak_kb = int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+print(json.dumps({{"peak_rss_mb": peak_kb / 1024, "trainable": trainable}}))
 """
 
 
