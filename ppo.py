@@ -94,7 +94,7 @@ MAX_STEPS = 0                       # stop after this many PPO steps (0 = no lim
 SEED = 42                           # data order, sampling, initialisation
 
 # Optimisation
-LEARNING_RATE = 1e-4                # policy lr for the tiny default; 0.5B-7B models: 1e-6 to 5e-6 (guide: 1e-6)
+LEARNING_RATE = 3e-5                # policy lr for the tiny default; 0.5B-7B models: 1e-6 to 5e-6 (guide: 1e-6)
 CRITIC_LEARNING_RATE = 1e-4         # critic lr; 0.5B-7B models: 5e-6 to 1e-5
 WEIGHT_DECAY = 0.0                  # AdamW decoupled weight decay, both models
 MAX_GRAD_NORM = 1.0                 # clip the gradient norm of each model at this (guide: 0.5 when unstable)
