@@ -2135,6 +2135,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
             logger.info(note)
         trainer.references.update(references)
         trainer.train(train_prompts, eval_prompts)
+        trainer.accelerator.end_training()      # a process group left to interpreter exit can abort in gloo
         return 0
     except ConfigError as e:
         print(f"Error: {e}", file=sys.stderr)

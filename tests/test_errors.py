@@ -708,7 +708,7 @@ def test_large_learning_rate_for_a_large_policy_warns(make_trainer, capsys):
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if "LEARNING_RATE" in line]
     assert len(warnings) == 1 and " WARNING " in warnings[0], err
-    assert_words(warnings[0], ["LEARNING_RATE = 0.0001", "1e-6 to 5e-6", "0.4B"])
+    assert_words(warnings[0], [f"LEARNING_RATE = {ppo.LEARNING_RATE!r}", "1e-6 to 5e-6", "0.4B"])
     assert "1e-6 to 5e-6" in trainer.log_path.read_text(encoding="utf-8")
 
     trainer._check_learning_rate(nn.Linear(8, 8))                     # a small policy: 1e-4 is fine

@@ -59,6 +59,8 @@ trainer.accumulate_gradients(shard, [torch.arange(len(shard))])
 grads = {{n: p.grad.clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}}
 if rank == 0:
     torch.save(grads, {grads!r})
+trainer.accelerator.wait_for_everyone()
+trainer.accelerator.end_training()
 """
 
 
