@@ -57,7 +57,8 @@ TRL_DIFFERENCES = [        # settings the two trainers do not share (everything 
     "TRL has no entropy bonus; ours uses ENTROPY_COEF",
     "TRL keeps reference and reward model in fp32; ours in the mixed-precision dtype (bf16 on GPUs)",
     "TRL's reward model reads the policy's token ids; ours decodes and re-tokenizes with the reward tokenizer",
-    "TRL takes its old logprobs from generate's scores; ours runs a policy forward",
+    "TRL takes its old logprobs from generate's scores; ours from the update's first forward when the rollout "
+    "is one micro-batch (as in these shapes), else from a policy forward",
 ]
 
 
@@ -84,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--reward-last", type=int, default=3, help="mean reward over this many last steps")
     p.add_argument("--no-bare", action="store_true", help="skip the bare-compute measurement")
     p.add_argument("--compare-trl", action="store_true", help="alternate runs of ours and TRL 1.12")
-    p.add_argument("--runs", type=int, default=2, help="--compare-trl: runs of each")
+    p.add_argument("--runs", type=int, default=2, help="--compare-trl: runs of each (run i: seed + i)")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.lr is None:
@@ -419,11 +420,12 @@ def compare_trl(args, argv):
     python = {"ours": sys.executable, "trl": trl_python()}
     forwarded = [a for a in argv if a not in ("--compare-trl",)] + ["--policy", args.policy, "--reward", args.reward]
     runs = []
-    for i in range(args.runs):
+    for i in range(args.runs):                       # run i of both uses seed + i: the reward varies with the seed
         for impl in ("ours", "trl"):
             log(f"run {i + 1}/{args.runs}: {impl}")
             done = subprocess.run([python[impl], str(Path(__file__).resolve()), *forwarded, "--no-bare",
-                                   "--worker", impl], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                                   "--worker", impl, "--seed", str(args.seed + i)],
+                                  cwd=ROOT, stdout=subprocess.PIPE, text=True)
             if done.returncode:
                 raise SystemExit(f"the {impl} run failed (exit {done.returncode}); see its log above")
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -435,6 +437,9 @@ def compare_trl(args, argv):
     if side["ours"][0]["peak_cuda_mb"]:
         ratios["trl_over_ours_peak_cuda"] = (statistics.median(r["peak_cuda_mb"] for r in side["trl"])
                                              / statistics.median(r["peak_cuda_mb"] for r in side["ours"]))
+    pairs = list(zip(side["ours"], side["trl"]))
+    wins = sum(o["reward_last"] >= t["reward_last"] for o, t in pairs)
+    ratios["seeds_where_ours_reward_ge_trl"] = f"{wins}/{len(pairs)}"
     return {"runs": runs, "median": med, "ratios": ratios, "differences": TRL_DIFFERENCES,
             "reward_note": f"reward_last = mean reward-model score minus the missing-EOS penalty over the last "
                            f"{args.reward_last} of {args.warmup + args.steps} steps (ours objective/score, "
