@@ -974,6 +974,20 @@ def use_cpu(cfg: Config) -> bool:
     return cfg.DEVICE == "cpu" or not torch.cuda.is_available()
 
 
+def use_deepspeed() -> bool:
+    """Launched by `accelerate launch --config_file configs/deepspeed_zero2.yaml` (or another DeepSpeed config)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def process_state(cfg: Config):
+    """accelerate's per-process state, created once (the Accelerator reuses it). accelerate would run DeepSpeed
+    on CPUs as one process per rank, so DeepSpeed without a GPU (the tests) gets gloo explicitly."""
+    from accelerate import PartialState
+    if use_deepspeed() and use_cpu(cfg):
+        return PartialState(backend="gloo")
+    return PartialState(cpu=use_cpu(cfg))
+
+
 def resolve_mixed_precision(cfg: Config) -> str:
     if cfg.MIXED_PRECISION != "auto":
         return cfg.MIXED_PRECISION
@@ -996,7 +1010,10 @@ class PPOTrainer:
         hf_logging.disable_progress_bar()           # no "Writing model shards" bars inside our own
         self.cfg = cfg = make_config(settings)
         validate_config(cfg)
-        self.accelerator = Accelerator(cpu=use_cpu(cfg), mixed_precision=resolve_mixed_precision(cfg))
+        process_state(cfg)
+        self.accelerator = Accelerator(cpu=use_cpu(cfg) and not use_deepspeed(),
+                                       mixed_precision=resolve_mixed_precision(cfg))
+        self.deepspeed = self.accelerator.state.deepspeed_plugin is not None
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.output_dir = Path(cfg.OUTPUT_DIR)
@@ -1044,12 +1061,27 @@ class PPOTrainer:
         groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}
                   for m, lr in ((policy, cfg.LEARNING_RATE), (critic, cfg.CRITIC_LEARNING_RATE)) if m is not None]
         optimizer = torch.optim.AdamW(groups, weight_decay=cfg.WEIGHT_DECAY)
+        if self.deepspeed:
+            self._configure_deepspeed()
         self.model, self.optimizer = self.accelerator.prepare(PolicyAndCritic(policy, critic), optimizer)
         counts = [f"{sum(p.numel() for p in g['params']) / 1e6:.2f}M" for g in optimizer.param_groups]
         logger.info(f"policy {type(policy).__name__} ({counts[0]} trainable parameters), critic "
                     f"{type(critic).__name__ if critic else 'none'} ({counts[1] if critic else 0}), device "
                     f"{self.device}, mixed precision {self.accelerator.mixed_precision}")
         self._check_learning_rate(policy)
+
+    def _configure_deepspeed(self) -> None:
+        """ppo.py's constants decide DeepSpeed's batch, accumulation and clipping (its config's values are
+        replaced). ppo.py marks the accumulation boundary itself and sets the learning rates before each step."""
+        cfg, plugin = self.cfg, self.accelerator.state.deepspeed_plugin
+        micro = cfg.BATCH_SIZE * cfg.GROUP_SIZE
+        plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION_STEPS,
+            train_batch_size=micro * cfg.GRADIENT_ACCUMULATION_STEPS * self.accelerator.num_processes,
+            gradient_clipping=cfg.MAX_GRAD_NORM)
+        plugin.deepspeed_config.pop("scheduler", None)
+        logger.info(f"DeepSpeed ZeRO stage {plugin.zero_stage}: optimizer state split over "
+                    f"{self.accelerator.num_processes} processes; MAX_GRAD_NORM clips the joint norm of both models")
 
     def _check_learning_rate(self, policy: nn.Module) -> None:
         billions = sum(p.numel() for p in policy.parameters()) / 1e9
@@ -1358,7 +1390,7 @@ class PPOTrainer:
             ids, attention = mb.sequences()
             mask = mb.response_mask
             last = i == len(micro_batches) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+            with contextlib.nullcontext() if last or self.deepspeed else self.accelerator.no_sync(self.model):
                 with self.accelerator.autocast():
                     logits, values = self.model(ids, attention, mb.response_ids.shape[1])
                 logprobs, entropy = logprobs_and_entropy(logits, mb.response_ids, cfg.TEMPERATURE)
@@ -1374,7 +1406,7 @@ class PPOTrainer:
                 else:
                     vf_loss, vf_clipped = clipped_value_loss(values, mb.values, mb.returns, cfg.CLIP_RANGE_VALUE)
                     loss = loss + cfg.VALUE_LOSS_COEF * masked_sum(vf_loss, mask)
-                self.accelerator.backward(loss / normalizer)
+                self._backward(loss / normalizer, last)
             log_ratio = (logprobs - mb.old_logprobs).detach()
             stats.append(torch.stack([mask.sum().float(), masked_sum(pg_loss.detach(), mask),
                                       masked_sum(vf_loss.detach(), mask), masked_sum(entropy.detach(), mask),
@@ -1383,9 +1415,18 @@ class PPOTrainer:
                                       masked_sum(log_ratio.exp(), mask)]))
         return torch.stack(stats).sum(0)
 
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        if self.deepspeed:      # the loss is already normalised over the minibatch: no division by its length
+            self.model.set_gradient_accumulation_boundary(last)
+            self.model.backward(loss, scale_wrt_gas=False)
+        else:
+            self.accelerator.backward(loss)
+
     def optimizer_step(self) -> Tuple[torch.Tensor, bool]:
         """Clip each model's gradient norm, then step, or skip (weights, optimizer state and lr schedule
         untouched) when a gradient is NaN / inf. Returns (gradient norms (2,), stepped)."""
+        if self.deepspeed:
+            return self._deepspeed_step()
         self.accelerator.unscale_gradients()
         norms = torch.stack([torch.nn.utils.clip_grad_norm_(group["params"], self.cfg.MAX_GRAD_NORM)
                              for group in self.optimizer.param_groups])
@@ -1399,6 +1440,20 @@ class PPOTrainer:
                            "optimizer step skipped, weights unchanged.")
         self.optimizer.zero_grad(set_to_none=True)
         return norms, stepped
+
+    def _deepspeed_step(self) -> Tuple[torch.Tensor, bool]:
+        """DeepSpeed clips the joint gradient norm, steps and zeroes the gradients; it skips a step whose
+        gradients overflow. Its joint norm stands for both models' norms."""
+        self._set_learning_rates()
+        self.model.step()
+        norm = torch.as_tensor(self.model.get_global_grad_norm() or math.nan, dtype=torch.float32).cpu()
+        stepped = bool(self.model.was_step_applied()) and bool(torch.isfinite(norm))
+        if stepped:
+            self.state.optimizer_steps += 1
+        else:
+            logger.warning(f"step {self.state.global_step + 1}: non-finite gradient (norm {norm.item()}); "
+                           "DeepSpeed skipped the optimizer step.")
+        return torch.stack([norm, norm]).to(self.device), stepped
 
     def learning_rate_factor(self) -> float:
         cfg = self.cfg
@@ -1765,11 +1820,14 @@ class PPOTrainer:
         """OUTPUT_DIR/checkpoints/step_N/{policy/, critic/, training_state.pt, config.json}, complete or absent."""
         path = self._checkpoint_path(self.state.global_step)
         rng = gather_object([rng_state()]) if self.accelerator.num_processes > 1 else [rng_state()]
+        shards = self._save_optimizer_shard(path) if self.deepspeed else []
         if self.is_main and not path.exists():
-            state = {"format": 1, "state": dataclasses.asdict(self.state), "optimizer": self.optimizer.state_dict(),
-                     "rng": rng}
+            state = {"format": 1, "state": dataclasses.asdict(self.state), "rng": rng,
+                     "optimizer": None if self.deepspeed else self.optimizer.state_dict()}
 
             def write(tmp: Path) -> None:
+                for shard in shards:
+                    os.replace(shard, tmp / shard.name.split("__", 1)[1])
                 self._write_policy(tmp / "policy", tmp / "policy_adapter")
                 if self.critic is not None:
                     self._write_model(self.critic, tmp / "critic", self.reward_tokenizer)
@@ -1787,10 +1845,42 @@ class PPOTrainer:
         self.accelerator.wait_for_everyone()
         return path
 
+    def _save_optimizer_shard(self, path: Path) -> List[Path]:
+        """Under DeepSpeed ZeRO each process holds its part of the optimizer state; each writes it beside the
+        checkpoint-to-be, and the main process moves them all into it. Returns the parts' paths (main process)."""
+        zero, rank = self.model.optimizer, self.accelerator.process_index
+        shards = [path.parent / f".tmp_{path.name}__optimizer_rank_{r}.pt" for r in range(self.accelerator.num_processes)]
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"base": zero.optimizer.state_dict(), "fp32": list(zero.single_partition_of_fp32_groups)},
+                       shards[rank])
+        self.accelerator.wait_for_everyone()
+        return shards
+
+    def _load_optimizer_shard(self) -> None:
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        shard = self.checkpoint / f"optimizer_rank_{rank}.pt"
+        saved_world = len(list(self.checkpoint.glob("optimizer_rank_*.pt")))
+        if saved_world != world:
+            raise TrainingError(f"{self.checkpoint} holds the DeepSpeed optimizer state of {saved_world} process(es), "
+                                f"this run has {world}: resume it with --num_processes {saved_world or 'N'} and the "
+                                "same DeepSpeed config.")
+        saved = torch.load(shard, map_location="cpu", weights_only=True)
+        zero = self.model.optimizer
+        zero.optimizer.load_state_dict(saved["base"])
+        for mine, theirs in zip(zero.single_partition_of_fp32_groups, saved["fp32"]):
+            mine.data.copy_(theirs)
+
     def _restore(self, saved: dict) -> None:
         """Continue from a checkpoint's training_state.pt (its weights were loaded with the models)."""
         self.state = TrainState(**saved["state"])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.deepspeed:
+            self._load_optimizer_shard()
+        elif saved["optimizer"] is None:
+            raise TrainingError(f"{self.checkpoint} was written under DeepSpeed: resume it with the same "
+                                "`accelerate launch --config_file ...` command.")
+        else:
+            self.optimizer.load_state_dict(saved["optimizer"])
         rng = saved["rng"]
         set_rng_state(rng[self.accelerator.process_index] if len(rng) > self.accelerator.process_index else rng[0])
         logger.info(f"Resumed from {self.checkpoint}: step {self.state.global_step}, epoch {self.state.epoch + 1}, "
@@ -2110,8 +2200,7 @@ def choose_resume(cfg: Config) -> Tuple[Optional[str], Config, str]:
 
 def agree_on_resume(cfg: Config) -> Tuple[Optional[str], Config, str]:
     """The main process decides (and asks at the terminal); every other process follows its answer."""
-    from accelerate import PartialState
-    state = PartialState(cpu=use_cpu(cfg))
+    state = process_state(cfg)
     decision = [choose_resume(cfg) if state.is_main_process else None]
     if state.num_processes > 1:
         broadcast_object_list(decision)
