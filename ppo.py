@@ -983,6 +983,8 @@ def process_state(cfg: Config):
     """accelerate's per-process state, created once (the Accelerator reuses it). accelerate would run DeepSpeed
     on CPUs as one process per rank, so DeepSpeed without a GPU (the tests) gets gloo explicitly."""
     from accelerate import PartialState
+    if use_cpu(cfg):        # else an installed DeepSpeed, imported by accelerate, prints that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if use_deepspeed() and use_cpu(cfg):
         return PartialState(backend="gloo")
     return PartialState(cpu=use_cpu(cfg))
