@@ -6,6 +6,8 @@ ppo.py: PPO for RLHF of Hugging Face causal language models, in one file.
     python ppo.py --BATCH_SIZE=2 --USE_WANDB=true # override any constant of section 2
     python ppo.py my_run.json                     # or a JSON / YAML file of overrides
     python ppo.py --plot outputs/ppo_v1           # redraw the charts of a run
+    torchrun --nproc_per_node 4 ppo.py            # several GPUs (or: accelerate launch --num_processes 4 ppo.py)
+    accelerate launch --config_file configs/deepspeed_zero2.yaml ppo.py   # DeepSpeed ZeRO-2 (pip install deepspeed)
     python -m pytest -q tests                     # the test suite
 
 Deliberate choices, where references differ:
@@ -20,8 +22,8 @@ Deliberate choices, where references differ:
 5. A response with no EOS keeps its score minus MISSING_EOS_PENALTY (lm-human-preferences
    replaces it with a constant instead).
 6. Policy and critic are separate models updated by one AdamW with one parameter group each (two
-   learning rates, each model's gradient norm clipped on its own): the same arithmetic as two
-   optimizers, one object for accelerate / DeepSpeed to prepare. Under Adam a constant factor on
+   learning rates, each model's gradient norm clipped on its own; under DeepSpeed, their joint
+   norm): the same arithmetic as two optimizers, one object for accelerate / DeepSpeed to prepare. Under Adam a constant factor on
    a loss barely changes the update, so VALUE_LOSS_COEF matters through clipping and the
    logged total loss; to make the critic learn faster raise CRITIC_LEARNING_RATE.
 7. The reward model reads decoded text (prompt + response, or its own chat template) with its
