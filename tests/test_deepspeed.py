@@ -103,3 +103,44 @@ def test_zero2_resumes_exactly(tiny, tmp_path, capsys):
     assert "written under DeepSpeed" in err and "accelerate launch --config_file" in err, err
     assert (copy / "checkpoints" / "step_3" / "training_state.pt").read_bytes() == before
     assert ppo.list_checkpoints(copy)[-1][0] == 3
+
+
+NAN_DRIVER = """
+import sys
+sys.path.insert(0, {root!r})
+import ppo
+
+
+class NaNLoss(ppo.PPOTrainer):
+    calls = 0
+
+    def _backward(self, loss, last):        # optimizer step 3 (step 2's first) gets a NaN gradient on rank 1
+        NaNLoss.calls += 1
+        if NaNLoss.calls == 3 and self.accelerator.process_index == 1:
+            loss = loss * float("nan")
+        super()._backward(loss, last)
+
+
+ppo.PPOTrainer = NaNLoss
+sys.exit(ppo.train_main())
+"""
+
+
+def test_zero2_skips_a_non_finite_gradient(tiny, tmp_path):
+    out = tmp_path / "out"
+    driver = tmp_path / "driver.py"
+    driver.write_text(NAN_DRIVER.format(root=str(ROOT)))
+    config = write(tmp_path, "nan.json", tiny_settings(tiny, out, MAX_STEPS=3, SAVE_EVERY_N_STEPS=1,
+                                                       EVAL_DATASETS=[]))
+    result = launch(LAUNCH[:4] + ["--config_file", str(ROOT / "configs" / "deepspeed_zero2.yaml")] + LAUNCH[4:],
+                    [driver, config], tmp_path, 29576)
+    assert "step 2: non-finite gradient" in result.stderr and "skipped" in result.stderr
+    assert [r["ppo/skipped_optimizer_steps"] for r in rows(out)] == [0, 1, 0]
+    state = torch.load(out / "checkpoints" / "step_3" / "training_state.pt", weights_only=True)["state"]
+    assert state["optimizer_steps"] == 3 * 2 - 1
+    for step in (1, 2, 3):
+        assert all(torch.isfinite(t).all() for t in weights(out / "checkpoints" / f"step_{step}").values())
+        for rank in (0, 1):
+            part = torch.load(out / "checkpoints" / f"step_{step}" / f"optimizer_rank_{rank}.pt", weights_only=True)
+            assert all(torch.isfinite(t).all() for t in part["fp32"])
+            assert all(torch.isfinite(v).all() for s in part["base"]["state"].values() for v in s.values())
