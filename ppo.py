@@ -1450,8 +1450,9 @@ class PPOTrainer:
         gradients overflow. Its joint norm stands for both models' norms."""
         self._set_learning_rates()
         self.model.step()
-        norm = torch.as_tensor(self.model.get_global_grad_norm() or math.nan, dtype=torch.float32).cpu()
-        stepped = bool(self.model.was_step_applied()) and bool(torch.isfinite(norm))
+        norm = self.model.get_global_grad_norm()
+        norm = torch.as_tensor(math.nan if norm is None else norm, dtype=torch.float32).cpu()
+        stepped = bool(self.model.was_step_applied())
         if stepped:
             self.state.optimizer_steps += 1
         else:
