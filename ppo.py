@@ -23,9 +23,10 @@ Deliberate choices, where references differ:
    replaces it with a constant instead).
 6. Policy and critic are separate models updated by one AdamW with one parameter group each (two
    learning rates, each model's gradient norm clipped on its own; under DeepSpeed, their joint
-   norm): the same arithmetic as two optimizers, one object for accelerate / DeepSpeed to prepare. Under Adam a constant factor on
-   a loss barely changes the update, so VALUE_LOSS_COEF matters through clipping and the
-   logged total loss; to make the critic learn faster raise CRITIC_LEARNING_RATE.
+   norm): the same arithmetic as two optimizers, one object for accelerate / DeepSpeed to prepare.
+   Under Adam a constant factor on a loss barely changes the update, so VALUE_LOSS_COEF matters
+   through clipping and the logged total loss; to make the critic learn faster raise
+   CRITIC_LEARNING_RATE.
 7. The reward model reads decoded text (prompt + response, or its own chat template) with its
    own tokenizer, so policy and reward model need not share a vocabulary.
 
@@ -587,6 +588,8 @@ def read_dataset(spec: dict, where: str) -> Tuple[str, Dict[str, list]]:
     if not Path(path).is_file():
         raise ConfigError(f"{where}: dataset file {spec['path']} not found (working directory: {os.getcwd()}).")
     datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)     # a bad file gets our message, not theirs too
     try:
         dataset = (datasets.Dataset.from_json if kind == "jsonl" else datasets.Dataset.from_parquet)(path)
         names, column = dataset.column_names, dataset.__getitem__
@@ -601,6 +604,8 @@ def read_dataset(spec: dict, where: str) -> Tuple[str, Dict[str, list]]:
                               "; it has no usable rows.") from None
         names = list(dict.fromkeys(k for row in rows for k in row))
         column = lambda name: [row.get(name) for row in rows]  # noqa: E731
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     for role in ("input", "output"):
         if spec.get(role) is not None and spec[role] not in names:
             raise ConfigError(f"{where}: column {spec[role]!r} (\"{role}\") is not in {path}; its columns are {names}.")
@@ -1451,14 +1456,14 @@ class PPOTrainer:
         self._set_learning_rates()
         self.model.step()
         norm = self.model.get_global_grad_norm()
-        norm = torch.as_tensor(math.nan if norm is None else norm, dtype=torch.float32).cpu()
+        norm = float(math.nan if norm is None else norm)
         stepped = bool(self.model.was_step_applied())
         if stepped:
             self.state.optimizer_steps += 1
         else:
-            logger.warning(f"step {self.state.global_step + 1}: non-finite gradient (norm {norm.item()}); "
+            logger.warning(f"step {self.state.global_step + 1}: non-finite gradient (norm {norm}); "
                            "DeepSpeed skipped the optimizer step.")
-        return torch.stack([norm, norm]).to(self.device), stepped
+        return torch.full((2,), norm, device=self.device), stepped
 
     def learning_rate_factor(self) -> float:
         cfg = self.cfg
@@ -1519,16 +1524,25 @@ class PPOTrainer:
             metrics["ppo/skipped_optimizer_steps"] = torch.tensor(float(self.cfg.GROUP_EPOCHES))
         metrics = self._reduce_metrics(metrics)
         self._count_skips(metrics["ppo/skipped_optimizer_steps"] > 0)
-        if self.cfg.ADAPTIVE_KL and math.isfinite(metrics.get("objective/kl", math.nan)):  # not after a skip
-            self.state.kl_coef = adaptive_kl_coef(self.state.kl_coef, metrics["objective/kl"],
-                                                  len(rollout) * self.accelerator.num_processes,
-                                                  self.cfg.ADAPTIVE_KL_TARGET, self.cfg.ADAPTIVE_KL_HORIZON)
+        if math.isfinite(metrics.get("objective/kl", math.nan)):    # absent when the step was skipped
+            self._follow_kl(metrics["objective/kl"], len(rollout) * self.accelerator.num_processes)
         timings["step"] = time.perf_counter() - start
         generated = int(self._all_sum(rollout.response_mask.sum().float()).item())
         metrics.update({f"time/{k}": v for k, v in timings.items()})
         metrics["throughput/tokens_per_second"] = generated / timings["step"]
         metrics.update({f"lr/{name}": group["lr"] for name, group in zip(("policy", "critic"), self.optimizer.param_groups)})
         return metrics
+
+    def _follow_kl(self, kl: float, n_responses: int) -> None:
+        """The step's mean KL moves the adaptive coefficient; a negative one means off-policy samples."""
+        cfg = self.cfg
+        if cfg.ADAPTIVE_KL:
+            self.state.kl_coef = adaptive_kl_coef(self.state.kl_coef, kl, n_responses, cfg.ADAPTIVE_KL_TARGET,
+                                                  cfg.ADAPTIVE_KL_HORIZON)
+        if kl < -0.1 and cfg.KL_ESTIMATOR == "k1" and not getattr(self, "_warned_kl", False):
+            self._warned_kl = True
+            logger.warning(f"Mean KL is negative ({kl:.3f}): responses are not sampled from "
+                           "the policy itself (filtered sampling, a changed generate, or a temperature mismatch).")
 
     def _count_skips(self, skipped: bool) -> None:
         s = self.state
@@ -1731,10 +1745,6 @@ class PPOTrainer:
             stop = self.track_eval_metric(eval_metrics)
         self._log_row(metrics)
         bar.set_description_str(f"Epoch {s.epoch + 1}/{cfg.NUM_EPOCHES}: {progress_postfix(metrics)}")
-        if metrics.get("objective/kl", 0.0) < -0.1 and cfg.KL_ESTIMATOR == "k1" and not getattr(self, "_warned_kl", False):
-            self._warned_kl = True
-            logger.warning(f"Mean KL is negative ({metrics['objective/kl']:.3f}): responses are not sampled from "
-                           "the policy itself (filtered sampling, a changed generate, or a temperature mismatch).")
         if (cfg.SAVE_EVERY_N_STEPS and s.global_step % cfg.SAVE_EVERY_N_STEPS == 0) or stop:
             self.save_checkpoint()
         if self.signal_received is not None:
@@ -1854,7 +1864,8 @@ class PPOTrainer:
         """Under DeepSpeed ZeRO each process holds its part of the optimizer state; each writes it beside the
         checkpoint-to-be, and the main process moves them all into it. Returns the parts' paths (main process)."""
         zero, rank = self.model.optimizer, self.accelerator.process_index
-        shards = [path.parent / f".tmp_{path.name}__optimizer_rank_{r}.pt" for r in range(self.accelerator.num_processes)]
+        shards = [path.parent / f".tmp_{path.name}__optimizer_rank_{r}.pt"
+                  for r in range(self.accelerator.num_processes)]
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"base": zero.optimizer.state_dict(), "fp32": list(zero.single_partition_of_fp32_groups)},

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny real transformers models and datasets, built locally once per session (no network)."""
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -119,3 +120,15 @@ def make_trainer(tiny, tmp_path):
     def build(**overrides):
         return ppo.PPOTrainer(**tiny_settings(tiny, tmp_path / "out", **overrides))
     return build
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+
+
+def launch(command, args, cwd, port, timeout=600):
+    """Run a 2-process launcher (command ends with its port flag) with one thread per process; must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command + [str(port)] + [str(a) for a in args], cwd=cwd, env=env,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result

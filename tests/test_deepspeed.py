@@ -3,35 +3,25 @@ with 2 processes: it trains like DDP, writes one set of outputs, and resumes exa
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_settings
+from conftest import ROOT, TORCHRUN, launch, tiny_settings
 from safetensors.torch import load_file
 
 import ppo
 
 pytest.importorskip("deepspeed")
 
-LAUNCH = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--num_processes", "2",
-          "--mixed_precision", "no", "--main_process_port"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+DEEPSPEED = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+             str(ROOT / "configs" / "deepspeed_zero2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+             "--main_process_port"]
 NO_CLIPPING = 1e9             # DeepSpeed clips the joint norm of both models, DDP each model's: compare unclipped
 
 
-def launch(command, args, tmp_path, port):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command + [str(port)] + [str(a) for a in args], cwd=tmp_path, env=env,
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def deepspeed(args, tmp_path, port):
-    config = ["--config_file", str(ROOT / "configs" / "deepspeed_zero2.yaml")]
-    return launch(LAUNCH[:4] + config + LAUNCH[4:], [ROOT / "ppo.py", *args], tmp_path, port)
+def deepspeed(args, tmp_path, port, script=ROOT / "ppo.py"):
+    return launch(DEEPSPEED, [script, *args], tmp_path, port)
 
 
 def weights(step_dir):
@@ -132,8 +122,7 @@ def test_zero2_skips_a_non_finite_gradient(tiny, tmp_path):
     driver.write_text(NAN_DRIVER.format(root=str(ROOT)))
     config = write(tmp_path, "nan.json", tiny_settings(tiny, out, MAX_STEPS=3, SAVE_EVERY_N_STEPS=1,
                                                        EVAL_DATASETS=[]))
-    result = launch(LAUNCH[:4] + ["--config_file", str(ROOT / "configs" / "deepspeed_zero2.yaml")] + LAUNCH[4:],
-                    [driver, config], tmp_path, 29576)
+    result = deepspeed([config], tmp_path, 29576, script=driver)
     assert "step 2: non-finite gradient" in result.stderr and "skipped" in result.stderr
     assert [r["ppo/skipped_optimizer_steps"] for r in rows(out)] == [0, 1, 0]
     state = torch.load(out / "checkpoints" / "step_3" / "training_state.pt", weights_only=True)["state"]

@@ -6,20 +6,13 @@ import subprocess
 import sys
 
 import torch
-from conftest import ROOT, llama_config, save_model, tiny_settings, word_tokenizer
+from conftest import ROOT, TORCHRUN, launch, llama_config, save_model, tiny_settings, word_tokenizer
 
 import ppo
 
 PROMPTS = ["What is 3 + 4?", "What is 12 + 5?", "What is 41 + 9?", "What is 7 + 0?"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-
-
-def run_torchrun(args, tmp_path, port, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(TORCHRUN + [str(port)] + [str(a) for a in args], cwd=tmp_path, env=env,
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+def run_torchrun(args, tmp_path, port):
+    return launch(TORCHRUN, args, tmp_path, port)
 
 
 def test_torchrun_trains_writes_one_set_of_outputs_and_resumes(tiny, tmp_path):
