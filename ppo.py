@@ -1069,10 +1069,12 @@ class PPOTrainer:
         self.reward_model = reward.requires_grad_(False).eval().to(parked)
         groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}
                   for m, lr in ((policy, cfg.LEARNING_RATE), (critic, cfg.CRITIC_LEARNING_RATE)) if m is not None]
-        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.WEIGHT_DECAY)
+        # fused: one kernel per step instead of a dozen ops per tensor (on the tiny models 1.4 ms against 7 ms on CPU)
+        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.WEIGHT_DECAY, fused=True)
         if self.deepspeed:
             self._configure_deepspeed()
         self.model, self.optimizer = self.accelerator.prepare(PolicyAndCritic(policy, critic), optimizer)
+        self.unwrapped = self.accelerator.unwrap_model(self.model)   # once: each unwrap reads package metadata (ms)
         counts = [f"{sum(p.numel() for p in g['params']) / 1e6:.2f}M" for g in optimizer.param_groups]
         logger.info(f"policy {type(policy).__name__} ({counts[0]} trainable parameters), critic "
                     f"{type(critic).__name__ if critic else 'none'} ({counts[1] if critic else 0}), device "
@@ -1131,11 +1133,11 @@ class PPOTrainer:
 
     @property
     def policy(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model).policy
+        return self.unwrapped.policy
 
     @property
     def critic(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model).critic
+        return self.unwrapped.critic
 
     def prepare_prompts(self, prompts: Sequence[str]) -> None:
         """Tokenize prompts once (chat template, MAX_PROMPT_LENGTH) into self.prompt_ids."""
@@ -1289,7 +1291,7 @@ class PPOTrainer:
         the numeric path the update uses, so that the first update's ratio is exactly 1."""
         batch, length = rollout.response_ids.shape
         ref_logprobs = torch.zeros(batch, length, device=self.device)
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.unwrapped
         for idx in self._micro_batches(batch):
             mb = rollout.select(idx)
             ids, attention = mb.sequences()

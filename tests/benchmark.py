@@ -19,7 +19,8 @@ What is measured, per PPO step after --warmup steps (medians over --steps):
           forward of the reward model (over its own tokenization of the same texts), policy, reference and
           critic; GROUP_EPOCHES x (forward + backward of policy and critic, mean response logprob and value
           MSE, in the same micro-batches) + AdamW steps on deep copies with their own optimizers.
-  ratio   ppo seconds / bare seconds, per phase and per step.
+  ratio   ppo seconds / bare seconds, per phase and per step. Both start from a heap that malloc_trim has
+          returned to the system (reset_peak), so neither pays page faults that the other does not.
 --compare-trl runs trl==1.12.0's trl.experimental.ppo.PPOTrainer (installed into .bench/trl-venv, never a
 project dependency) with the same models, prompts, batch, response length, PPO epochs, learning rate, KL
 coefficient, temperature and missing-EOS penalty, alternating with ours, each run in a fresh process; it
@@ -299,6 +300,7 @@ def run_ours(args):
         bare = None
         if not args.no_bare:
             state = ppo.rng_state()
+            reset_peak(dev)                           # the same trimmed heap as the step starts from
             bare, bare_rollout = bare_compute(trainer, batch)
             ppo.set_rng_state(state)
         reset_peak(dev)
