@@ -1074,7 +1074,6 @@ class PPOTrainer:
         if self.deepspeed:
             self._configure_deepspeed()
         self.model, self.optimizer = self.accelerator.prepare(PolicyAndCritic(policy, critic), optimizer)
-        self.unwrapped = self.accelerator.unwrap_model(self.model)   # once: each unwrap reads package metadata (ms)
         counts = [f"{sum(p.numel() for p in g['params']) / 1e6:.2f}M" for g in optimizer.param_groups]
         logger.info(f"policy {type(policy).__name__} ({counts[0]} trainable parameters), critic "
                     f"{type(critic).__name__ if critic else 'none'} ({counts[1] if critic else 0}), device "
@@ -1133,11 +1132,11 @@ class PPOTrainer:
 
     @property
     def policy(self) -> nn.Module:
-        return self.unwrapped.policy
+        return self.accelerator.unwrap_model(self.model).policy
 
     @property
     def critic(self) -> nn.Module:
-        return self.unwrapped.critic
+        return self.accelerator.unwrap_model(self.model).critic
 
     def prepare_prompts(self, prompts: Sequence[str]) -> None:
         """Tokenize prompts once (chat template, MAX_PROMPT_LENGTH) into self.prompt_ids."""
@@ -1291,7 +1290,7 @@ class PPOTrainer:
         the numeric path the update uses, so that the first update's ratio is exactly 1."""
         batch, length = rollout.response_ids.shape
         ref_logprobs = torch.zeros(batch, length, device=self.device)
-        model = self.unwrapped
+        model = self.accelerator.unwrap_model(self.model)
         for idx in self._micro_batches(batch):
             mb = rollout.select(idx)
             ids, attention = mb.sequences()
