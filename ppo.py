@@ -1446,8 +1446,12 @@ class PPOTrainer:
             self.optimizer.step()
             self.state.optimizer_steps += 1
         else:
+            scaler, lowered = self.accelerator.scaler, ""
+            if scaler is not None:      # fp16: back off the loss scale as GradScaler's own skip does (and re-arm it)
+                scaler.update()
+                lowered = f"; fp16 loss scale lowered to {scaler.get_scale():g}"
             logger.warning(f"step {self.state.global_step + 1}: non-finite gradient (norms {norms.tolist()}); "
-                           "optimizer step skipped, weights unchanged.")
+                           f"optimizer step skipped, weights unchanged{lowered}.")
         self.optimizer.zero_grad(set_to_none=True)
         return norms, stepped
 
@@ -1838,8 +1842,10 @@ class PPOTrainer:
         rng = gather_object([rng_state()]) if self.accelerator.num_processes > 1 else [rng_state()]
         shards = self._save_optimizer_shard(path) if self.deepspeed else []
         if self.is_main and not path.exists():
+            scaler = self.accelerator.scaler
             state = {"format": 1, "state": dataclasses.asdict(self.state), "rng": rng,
-                     "optimizer": None if self.deepspeed else self.optimizer.state_dict()}
+                     "optimizer": None if self.deepspeed else self.optimizer.state_dict(),
+                     "scaler": scaler.state_dict() if scaler is not None else None}
 
             def write(tmp: Path) -> None:
                 for shard in shards:
@@ -1898,6 +1904,8 @@ class PPOTrainer:
                                 "`accelerate launch --config_file ...` command.")
         else:
             self.optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("scaler") and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(saved["scaler"])
         rng = saved["rng"]
         set_rng_state(rng[self.accelerator.process_index] if len(rng) > self.accelerator.process_index else rng[0])
         logger.info(f"Resumed from {self.checkpoint}: step {self.state.global_step}, epoch {self.state.epoch + 1}, "

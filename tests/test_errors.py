@@ -13,6 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import accelerate
 import pytest
 import torch
 import torch.nn as nn
@@ -659,6 +660,51 @@ def test_nan_gradient_skips_that_optimizer_step(tiny, tmp_path, capsys, monkeypa
     torch.save({"optimizer": {"state": {0: {"exp_avg": torch.tensor([float("inf")])}}}, "state": {}},
                probe / "training_state.pt")
     assert len(non_finite_tensors(probe)) == 2
+
+
+def accelerator_with_cpu_grad_scaler(*args, **kwargs):
+    """fp16 on a GPU trains under accelerate's GradScaler, and accelerate makes none on CPU. This Accelerator
+    gets torch's own CPU GradScaler; prepare() hands it to the optimizer wrapper as it does on a GPU."""
+    accelerator = REAL_ACCELERATOR(*args, **kwargs)
+    accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=1024.0)
+    return accelerator
+
+
+REAL_ACCELERATOR = accelerate.Accelerator
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process, as in a user's run; a test with another
+    MIXED_PRECISION than the tests before it starts from a fresh one and leaves a fresh one."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_fp16_overflow_lowers_the_loss_scale_and_a_resume_keeps_it(tiny, tmp_path, capsys, monkeypatch,
+                                                                   fresh_accelerator_state):
+    """A skipped fp16 step must back off the loss scale, or the next unscale raises (the scaler was never
+    updated) and every later step overflows again. The lowered scale travels in the checkpoint."""
+    monkeypatch.setattr(accelerate, "Accelerator", accelerator_with_cpu_grad_scaler)
+    plain = ppo.PPOTrainer
+    out = tmp_path / "out"
+    cls = use_trainer(monkeypatch, NaNGradient)                 # NaN at optimizer step 2 of 4 (PPO step 1)
+    settings = tiny_settings(tiny, out, **{**FAST, "MAX_STEPS": 2, "GROUP_EPOCHES": 2, "SAVE_EVERY_N_STEPS": 1,
+                                           "MIXED_PRECISION": "fp16"})
+    code, err = run_main([write_config(tmp_path, settings)], capsys)
+    assert_no_traceback(err)
+    assert code == 0, err[-3000:]
+    trainer = cls.instances[-1]
+    assert trainer.optimizer.scaler is trainer.accelerator.scaler
+    assert trainer.state.optimizer_steps == 3
+    assert trainer.accelerator.scaler.get_scale() == 512.0      # halved once; growth needs 2000 clean steps
+    assert "optimizer step skipped, weights unchanged; fp16 loss scale lowered to 512." in err
+    assert non_finite_tensors(out / "checkpoints") == []
+    resumed = plain(resume_from_checkpoint=str(checkpoint(out, 1)), **{**settings, "MAX_STEPS": 3})
+    assert resumed.accelerator.scaler.get_scale() == 512.0      # not the fresh scaler's 1024
+    resumed.accelerator.end_training()
 
 
 # -- handled without an error ------------------------------------------------------------------------------
