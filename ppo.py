@@ -1033,6 +1033,7 @@ class PPOTrainer:
         self.state = TrainState(kl_coef=cfg.KL_COEF)
         self.plan: Optional[Plan] = None
         self.references: Dict[str, str] = {}
+        self._warned_kl = False                     # the negative-KL warning is given once per run
         self.prompt_ids: Dict[str, List[int]] = {}
         self.signal_received: Optional[int] = None
         self.wandb_run = None
@@ -1544,7 +1545,7 @@ class PPOTrainer:
         if cfg.ADAPTIVE_KL:
             self.state.kl_coef = adaptive_kl_coef(self.state.kl_coef, kl, n_responses, cfg.ADAPTIVE_KL_TARGET,
                                                   cfg.ADAPTIVE_KL_HORIZON)
-        if kl < -0.1 and cfg.KL_ESTIMATOR == "k1" and not getattr(self, "_warned_kl", False):
+        if kl < -0.1 and cfg.KL_ESTIMATOR == "k1" and not self._warned_kl:
             self._warned_kl = True
             logger.warning(f"Mean KL is negative ({kl:.3f}): responses are not sampled from "
                            "the policy itself (filtered sampling, a changed generate, or a temperature mismatch).")

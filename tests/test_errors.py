@@ -662,15 +662,15 @@ def test_nan_gradient_skips_that_optimizer_step(tiny, tmp_path, capsys, monkeypa
     assert len(non_finite_tensors(probe)) == 2
 
 
+REAL_ACCELERATOR = accelerate.Accelerator
+
+
 def accelerator_with_cpu_grad_scaler(*args, **kwargs):
     """fp16 on a GPU trains under accelerate's GradScaler, and accelerate makes none on CPU. This Accelerator
     gets torch's own CPU GradScaler; prepare() hands it to the optimizer wrapper as it does on a GPU."""
     accelerator = REAL_ACCELERATOR(*args, **kwargs)
     accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=1024.0)
     return accelerator
-
-
-REAL_ACCELERATOR = accelerate.Accelerator
 
 
 @pytest.fixture
