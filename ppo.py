@@ -55,7 +55,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -481,6 +481,69 @@ def explained_variance(values, returns, mask) -> torch.Tensor:
     return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
 
 
+def local_mean_var(x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return masked_mean(x, mask), masked_var(x, mask)
+
+
+def compute_advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef: float, cfg,
+                       mean_var=local_mean_var) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 5-6 of the rollout: r_t = -beta * KL_t plus the score at the last token, then advantages by
+    ADVANTAGE_ESTIMATOR: GAE with the critic's values (B, T), or reinforce++ (GAE with V = 0, lambda = 1),
+    both whitened over the valid tokens of every process (mean_var), or a group baseline (grpo, rloo).
+    Returns (advantages, returns, kl), each (B, T); returns are 0 for the group estimators."""
+    kl = kl_penalty(logprobs, ref_logprobs, cfg.KL_ESTIMATOR)                                 # (B, T)
+    rewards = shape_rewards(scores, kl, mask, kl_coef)                                       # (B, T)
+    if cfg.ADVANTAGE_ESTIMATOR in ("gae", "reinforce++"):
+        critic = cfg.ADVANTAGE_ESTIMATOR == "gae"
+        values = values if critic else torch.zeros_like(rewards)
+        advantages, returns = compute_gae(rewards, values, mask, cfg.GAMMA, cfg.LAM if critic else 1.0)
+        return masked_whiten(advantages, mask, *mean_var(advantages, mask)), returns, kl
+    sequence = group_advantages(masked_sum(rewards, mask, 1), cfg.GROUP_SIZE, cfg.ADVANTAGE_ESTIMATOR)
+    zero = torch.zeros((), device=rewards.device)
+    return torch.where(mask, sequence[:, None], zero), torch.zeros_like(rewards), kl
+
+
+def ppo_loss(logprobs, entropy, values, batch, cfg) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """One micro-batch's loss as a token sum (the caller divides by the minibatch's token count):
+    sum(pg_loss) - c2 * sum(H) + c1 * sum(vf_loss); and the token sums of its statistics, by name."""
+    mask = batch.response_mask
+    pg_loss, pg_clipped = clipped_policy_loss(logprobs, batch.old_logprobs, batch.advantages, cfg.CLIP_RANGE)
+    loss = masked_sum(pg_loss, mask) - cfg.ENTROPY_COEF * masked_sum(entropy, mask)
+    log_ratio = (logprobs - batch.old_logprobs).detach()
+    sums = {"tokens": mask.sum().float(),
+            "pg_loss": masked_sum(pg_loss.detach(), mask),
+            "entropy": masked_sum(entropy.detach(), mask),
+            "pg_clipped": masked_sum(pg_clipped.float(), mask),
+            "approx_kl": masked_sum(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio": masked_sum(log_ratio.exp(), mask)}
+    if values is not None:
+        vf_loss, vf_clipped = clipped_value_loss(values, batch.values, batch.returns, cfg.CLIP_RANGE_VALUE)
+        loss = loss + cfg.VALUE_LOSS_COEF * masked_sum(vf_loss, mask)
+        sums["vf_loss"] = masked_sum(vf_loss.detach(), mask)
+        sums["vf_clipped"] = masked_sum(vf_clipped.float(), mask)
+    return loss, sums
+
+
+def update_metrics(sums: Dict[str, torch.Tensor], norms: torch.Tensor, epochs: int,
+                   skipped: int) -> Dict[str, torch.Tensor]:
+    """The update's log rows from ppo_loss's sums over the whole update and the gradient norms
+    (optimizer steps, models); NaN sums and norms give the same keys for a step whose update was skipped."""
+    per_token = {name: value / sums["tokens"].clamp(min=1) for name, value in sums.items()}
+    metrics = {"ppo/loss/policy": per_token["pg_loss"],
+               "ppo/policy/entropy": per_token["entropy"],
+               "ppo/policy/clipfrac": per_token["pg_clipped"],
+               "ppo/policy/approx_kl": per_token["approx_kl"],
+               "ppo/ratio_mean": per_token["ratio"],
+               "ppo/epochs": torch.tensor(float(epochs)),
+               "ppo/skipped_optimizer_steps": torch.tensor(float(skipped)),
+               "grad_norm/policy": norms[:, 0].nanmean()}
+    if "vf_loss" in sums:
+        metrics["ppo/loss/value"] = per_token["vf_loss"]
+        metrics["ppo/val/clipfrac"] = per_token["vf_clipped"]
+        metrics["grad_norm/critic"] = norms[:, 1].nanmean()
+    return metrics
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
     """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then the schedule."""
     if step < warmup_steps:
@@ -806,6 +869,16 @@ def apply_lora(policy: nn.Module, cfg: Config, adapter: Optional[str] = None) ->
                                              target_modules=targets, task_type="CAUSAL_LM"))
 
 
+def response_logits(model: nn.Module, keep_logits: bool, input_ids, attention_mask,
+                    response_length: int) -> torch.Tensor:
+    """(B, P + T) sequences -> the logits predicting each response token (B, T, V); with keep_logits
+    (the model takes logits_to_keep) the head runs on those positions only."""
+    kwargs = {"logits_to_keep": response_length + 1} if keep_logits else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                position_ids=position_ids_from_mask(attention_mask), **kwargs)
+    return out.logits[:, -response_length - 1:-1]
+
+
 class PolicyAndCritic(nn.Module):
     """Both trained models in one module, so DDP / DeepSpeed wrap (and synchronise) them together."""
 
@@ -816,18 +889,124 @@ class PolicyAndCritic(nn.Module):
 
     def forward(self, input_ids, attention_mask, response_length: int):
         """(B, P + T) sequences -> logits predicting each response token (B, T, V), values V_t (B, T)."""
-        kwargs = {"logits_to_keep": response_length + 1} if self.keep_logits else {}
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                          position_ids=position_ids_from_mask(attention_mask), **kwargs)
-        logits = out.logits[:, -response_length - 1:-1]
+        logits = response_logits(self.policy, self.keep_logits, input_ids, attention_mask, response_length)
         values = None
         if self.critic is not None:
             values = head_outputs(self.critic, input_ids, attention_mask)[:, -response_length - 1:-1]
         return logits, values
 
 
+class Reference(nn.Module):
+    """The frozen reference pi_ref: a copy of ACTOR_MODEL, or under LoRA the policy with its adapters off
+    (no second copy of the weights)."""
+
+    def __init__(self, model: nn.Module, adapters_off: bool):
+        super().__init__()
+        self.model, self.adapters_off = model, adapters_off
+        self.keep_logits = supports_logits_to_keep(model)
+
+    def forward(self, input_ids, attention_mask, response_length: int) -> torch.Tensor:
+        with self.model.disable_adapter() if self.adapters_off else contextlib.nullcontext():
+            return response_logits(self.model, self.keep_logits, input_ids, attention_mask, response_length)
+
+
+@dataclasses.dataclass
+class Models:
+    """What load_models builds: tokenizers, stop tokens, the prepared trained models and their optimizer,
+    and the frozen reference and reward models."""
+    tokenizer: object
+    reward_tokenizer: object
+    stop_ids: torch.Tensor
+    model: nn.Module                       # PolicyAndCritic, wrapped by the backend (DDP / DeepSpeed)
+    optimizer: object
+    ref: Reference
+    reward_model: nn.Module
+
+
+def load_tokenizers(cfg: Config):
+    """Configs, tokenizers and stop tokens of every model, checked before any weights load:
+    (policy tokenizer, reward tokenizer, stop ids)."""
+    policy_path, policy_config = load_model_config("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)
+    check_model_kind("ACTOR_MODEL", cfg.ACTOR_MODEL, policy_config, "causal")
+    _, reward_config = load_model_config("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
+    check_model_kind("REWARD_MODEL", cfg.REWARD_MODEL, reward_config, "reward")
+    tokenizer = load_tokenizer("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)
+    tokenizer.padding_side = "left"
+    reward_tokenizer = load_tokenizer("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
+    stop_ids = stop_token_ids(tokenizer, policy_path, policy_config, cfg.STOP_TOKENS)
+    if cfg.ADVANTAGE_ESTIMATOR == "gae":
+        _, critic_config = load_model_config("CRITIC_MODEL", cfg.CRITIC_MODEL, cfg)
+        critic_vocab = vocab_size(critic_config)
+        if critic_vocab is not None and critic_vocab < len(tokenizer):
+            raise model_error("CRITIC_MODEL", cfg.CRITIC_MODEL, f"has a vocabulary of {critic_vocab} tokens, "
+                              f"fewer than the policy's {len(tokenizer)}: the critic reads the policy's "
+                              "tokens, so start it from a model with the policy's tokenizer.")
+    return tokenizer, reward_tokenizer, stop_ids
+
+
+def load_models(cfg: Config, backend: "Backend", checkpoint: Optional[Path]) -> Models:
+    """Policy and critic (trained, float32 master weights, from the checkpoint when resuming), reference and
+    reward model (frozen, in the mixed-precision dtype), one AdamW over both trained models, prepared."""
+    tokenizer, reward_tokenizer, stop_ids = load_tokenizers(cfg)
+    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(backend.mixed_precision, torch.float32)
+    if cfg.USE_LORA:
+        policy = apply_lora(load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, frozen_dtype), cfg,
+                            adapter=str(checkpoint / "policy_adapter") if checkpoint else None)
+        reference = Reference(policy, adapters_off=True)
+    else:
+        start = str(checkpoint / "policy") if checkpoint else cfg.ACTOR_MODEL
+        policy = load_causal_lm("ACTOR_MODEL", start, cfg, torch.float32)
+        frozen = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, frozen_dtype)
+        reference = Reference(frozen.requires_grad_(False).eval(), adapters_off=False)
+    critic = None
+    if cfg.ADVANTAGE_ESTIMATOR == "gae":
+        start = str(checkpoint / "critic") if checkpoint else cfg.CRITIC_MODEL
+        critic = load_sequence_classifier("CRITIC_MODEL", start, cfg, torch.float32, is_reward=False)
+    for model in (policy, critic):
+        if model is not None and cfg.GRADIENT_CHECKPOINTING:
+            enable_checkpointing(model)
+    reward = load_sequence_classifier("REWARD_MODEL", cfg.REWARD_MODEL, cfg, frozen_dtype, is_reward=True)
+    parked = "cpu" if cfg.OFFLOAD_REF_AND_REWARD else backend.device
+    reference.to(backend.device if cfg.USE_LORA else parked)
+    reward = reward.requires_grad_(False).eval().to(parked)
+    groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}
+              for m, lr in ((policy, cfg.LEARNING_RATE), (critic, cfg.CRITIC_LEARNING_RATE)) if m is not None]
+    # fused: one kernel per optimizer step instead of a dozen small ops per tensor
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.WEIGHT_DECAY, fused=True)
+    model, optimizer = backend.prepare(PolicyAndCritic(policy, critic), optimizer)
+    counts = [f"{sum(p.numel() for p in g['params']) / 1e6:.2f}M" for g in groups]
+    logger.info(f"policy {type(policy).__name__} ({counts[0]} trainable parameters), critic "
+                f"{type(critic).__name__ if critic else 'none'} ({counts[1] if critic else 0}), device "
+                f"{backend.device}, mixed precision {backend.mixed_precision}")
+    check_learning_rate(policy, cfg)
+    return Models(tokenizer, reward_tokenizer, stop_ids, model, optimizer, reference, reward)
+
+
+def check_learning_rate(policy: nn.Module, cfg: Config) -> None:
+    billions = sum(p.numel() for p in policy.parameters()) / 1e9
+    if billions >= 0.3 and not cfg.USE_LORA and cfg.LEARNING_RATE > 2e-5:
+        logger.warning(f"LEARNING_RATE = {cfg.LEARNING_RATE:g} is far above the usual 1e-6 to 5e-6 for a "
+                       f"{billions:.1f}B-parameter policy; PPO is likely to diverge.")
+
+
+def write_policy(policy: nn.Module, tokenizer, folder: Path, adapter_folder: Path, cfg: Config) -> None:
+    """A folder AutoModelForCausalLM.from_pretrained loads; under LoRA the adapters go to adapter_folder
+    (what a resume loads) and `folder` gets base + adapters merged on a CPU copy (training is untouched)."""
+    if not cfg.USE_LORA:
+        return write_model(policy, tokenizer, folder)
+    from peft import PeftModel
+    policy.save_pretrained(adapter_folder)
+    base = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, torch.float32)
+    write_model(PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload(), tokenizer, folder)
+
+
+def write_model(model: nn.Module, tokenizer, folder: Path) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
 # ---------------------------------------------------------------------------------------------
-# 7. Rollout: generate, truncate, score, forward, KL-shaped rewards, GAE, whiten
+# 7. Rollout data: the rows of one PPO step, and how the update and the processes share them
 # ---------------------------------------------------------------------------------------------
 def pad_left(sequences: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
@@ -852,34 +1031,20 @@ def truncate_at_stop(response_ids: torch.Tensor, stop_ids: torch.Tensor):
     return lengths, has_stop
 
 
-@dataclasses.dataclass
-class Rollout:
-    """B sequences: a left-padded prompt (B, P) and a right-padded response (B, T), plus what PPO derives."""
-    prompts: List[str]
-    query_ids: torch.Tensor                      # (B, P)
-    query_mask: torch.Tensor                     # (B, P) bool, real prompt tokens
-    response_ids: torch.Tensor                   # (B, T), padding after the first stop token
-    response_mask: torch.Tensor                  # (B, T) bool, real response tokens, stop token included
-    responses: List[str]                         # decoded, without the stop token
-    has_eos: torch.Tensor                        # (B,) bool
-    scores: Optional[torch.Tensor] = None        # (B,) score of each response, penalties included
-    old_logprobs: Optional[torch.Tensor] = None  # (B, T) log pi_old(token) at TEMPERATURE
-    entropy: Optional[torch.Tensor] = None       # (B, T) entropy of pi_old at each token
-    ref_logprobs: Optional[torch.Tensor] = None  # (B, T) log pi_ref(token)
-    values: Optional[torch.Tensor] = None        # (B, T) V_old
-    advantages: Optional[torch.Tensor] = None    # (B, T) whitened
-    returns: Optional[torch.Tensor] = None       # (B, T)
+class Rows:
+    """Rows of a left-padded prompt `query_*` (B, P) and a right-padded response (B, T), with per-row
+    tensors (B,) and lists; the dataclasses below are its fields."""
 
     def __post_init__(self):
         # Lengths on the host, so that cutting micro-batches to size never waits for the accelerator.
-        self.query_lengths = self.query_mask.sum(1).cpu()
-        self.response_lengths = self.response_mask.sum(1).cpu()
+        object.__setattr__(self, "query_lengths", self.query_mask.sum(1).cpu())
+        object.__setattr__(self, "response_lengths", self.response_mask.sum(1).cpu())
 
     def __len__(self):
-        return len(self.prompts)
+        return len(self.query_ids)
 
-    def select(self, idx: torch.Tensor) -> "Rollout":
-        """The sequences `idx`, cut to their own longest prompt and response (no global padding)."""
+    def select(self, idx: torch.Tensor):
+        """The rows `idx`, cut to their own longest prompt and response (no global padding)."""
         idx_list = idx.tolist()
         prompt_len = int(self.query_lengths[idx].max())
         response_len = int(self.response_lengths[idx].max())
@@ -894,7 +1059,7 @@ class Rollout:
                 picked[field.name] = value[idx.to(value.device), -prompt_len:]
             else:
                 picked[field.name] = value[idx.to(value.device), :response_len]
-        return Rollout(**picked)
+        return type(self)(**picked)
 
     def sequences(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(B, P + T) input ids and attention mask."""
@@ -902,8 +1067,91 @@ class Rollout:
                 torch.cat([self.query_mask, self.response_mask], 1).long())
 
 
+@dataclasses.dataclass(frozen=True)
+class Rollout(Rows):
+    """What generate_response returns: B prompts and one sampled response each, cut at its first stop."""
+    prompts: List[str]
+    query_ids: torch.Tensor                      # (B, P)
+    query_mask: torch.Tensor                     # (B, P) bool, real prompt tokens
+    response_ids: torch.Tensor                   # (B, T), padding after the first stop token
+    response_mask: torch.Tensor                  # (B, T) bool, real response tokens, stop token included
+    responses: List[str]                         # decoded, without the stop token
+    has_eos: torch.Tensor                        # (B,) bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Experience(Rows):
+    """The complete batch the PPO epochs train on, made once per step by make_experience."""
+    query_ids: torch.Tensor                      # (B, P)
+    query_mask: torch.Tensor                     # (B, P) bool
+    response_ids: torch.Tensor                   # (B, T)
+    response_mask: torch.Tensor                  # (B, T) bool
+    scores: torch.Tensor                         # (B,) score of each response, penalties included
+    old_logprobs: torch.Tensor                   # (B, T) log pi_old(token) at TEMPERATURE
+    ref_logprobs: torch.Tensor                   # (B, T) log pi_ref(token)
+    values: Optional[torch.Tensor]               # (B, T) V_old; None without a critic
+    advantages: torch.Tensor                     # (B, T) whitened (gae, reinforce++) or group baselines
+    returns: torch.Tensor                        # (B, T) value targets (0 without a critic)
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [t for t in (self.scores, self.old_logprobs, self.ref_logprobs, self.values,
+                            self.advantages, self.returns) if t is not None]
+
+
+class PolicyPass(NamedTuple):
+    """One forward of the trained models over some rows: log pi (B, T), entropy (B, T), V (B, T) or None."""
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    values: Optional[torch.Tensor]
+
+    def detach(self) -> "PolicyPass":
+        return PolicyPass(*(None if t is None else t.detach() for t in self))
+
+
+def minibatch_schedule(n: int, step: int, cfg) -> List[List[List[torch.Tensor]]]:
+    """epochs -> minibatches (one optimizer step each) -> micro-batches (index tensors) over a rollout of n
+    rows, shuffled per epoch by a generator seeded from (SEED, step): the same on every process and after
+    a resume, and no draw on the global RNG."""
+    generator = torch.Generator().manual_seed(cfg.SEED * 1_000_003 + step)
+    epochs = []
+    for _ in range(cfg.GROUP_EPOCHES):
+        order = torch.randperm(n, generator=generator)
+        minibatches = [mb for mb in order.tensor_split(cfg.NUM_MINI_BATCHES) if len(mb)]
+        epochs.append([[m for m in mb.tensor_split(cfg.GRADIENT_ACCUMULATION_STEPS) if len(m)]
+                       for mb in minibatches])
+    return epochs
+
+
+def reuses_first_pass(schedule: List[List[List[torch.Tensor]]], n: int) -> bool:
+    """Whether the update's first forward can be the rollout's pass for log pi_old and V_old: it runs
+    the same weights over the same tokens when its micro-batch holds all n rows."""
+    return len(schedule[0][0][0]) == n
+
+
+def optimizer_steps_per_update(schedule: List[List[List[torch.Tensor]]]) -> int:
+    return sum(len(minibatches) for minibatches in schedule)
+
+
+def step_prompt_indices(order: List[int], position: int, per_step: int) -> List[int]:
+    """The prompts of the PPO step at `position` in an epoch's order: always per_step of them, so every
+    process gets the same number each step; the epoch's short last step is filled by wrapping around to
+    the start of the order (as torch's DistributedSampler pads)."""
+    taken = list(order[position:position + per_step])
+    while len(taken) < per_step:
+        taken += order[:per_step - len(taken)]
+    return taken
+
+
+def shard(items: List, rank: int, world: int) -> Tuple[List, int]:
+    """This process's share of items when every process must get as many: ceil(n / world) each, padded by
+    wrapping around. Returns (share, how many of them are real, i.e. come first and count)."""
+    per_process = math.ceil(len(items) / world)
+    share = [items[i % len(items)] for i in range(rank, per_process * world, world)]
+    return share, len(range(rank, len(items), world))
+
+
 # ---------------------------------------------------------------------------------------------
-# 8. PPOTrainer
+# 8. Run state: what a resumed run needs, the derived sizes, the random generators, signals
 # ---------------------------------------------------------------------------------------------
 class TrainingError(Exception):
     """The run cannot go on (repeated NaN, bad output of an override): one message, exit 1."""
@@ -940,7 +1188,6 @@ class TrainState:
     lr_scale: float = 1.0                  # "plateau" multiplier of both learning rates
     plateau_bad_evals: int = 0
     last_eval_step: int = -1
-    history: List[dict] = dataclasses.field(default_factory=list)   # metrics rows, for the charts
 
 
 @dataclasses.dataclass
@@ -953,6 +1200,38 @@ class Plan:
     optimizer_steps: int
 
 
+def eval_metric_in_use(cfg: Config) -> bool:
+    """EARLY_STOPPING_METRIC drives early stopping, or the "plateau" learning-rate schedule."""
+    return bool(cfg.EARLY_STOPPING_PATIENCE) or (cfg.USE_LR_SCHEDULER and cfg.LR_SCHEDULER_TYPE == "plateau")
+
+
+def missing_eval_metric(cfg: Config, metrics: Dict[str, float]) -> Optional[ConfigError]:
+    """The error for an EARLY_STOPPING_METRIC that the evaluation does not produce, when something uses it."""
+    if cfg.EARLY_STOPPING_METRIC in metrics or not eval_metric_in_use(cfg):
+        return None
+    return ConfigError(f"EARLY_STOPPING_METRIC = {cfg.EARLY_STOPPING_METRIC!r} is not an evaluation metric; "
+                       f"available: {sorted(k for k in metrics if k.startswith('eval/'))}.")
+
+
+def track_eval(state: TrainState, value: float, cfg: Config) -> Tuple[TrainState, bool, bool]:
+    """Early stopping and the "plateau" schedule after an evaluation whose EARLY_STOPPING_METRIC is value
+    (higher is better): (new state, improved, stop)."""
+    s = dataclasses.replace(state)
+    improved = s.best_metric is None or value > s.best_metric + cfg.EARLY_STOPPING_MIN_DELTA
+    if improved:
+        s.best_metric, s.best_step, s.evals_without_improvement, s.plateau_bad_evals = value, s.global_step, 0, 0
+    else:
+        s.evals_without_improvement += 1
+        s.plateau_bad_evals += 1
+    if cfg.USE_LR_SCHEDULER and cfg.LR_SCHEDULER_TYPE == "plateau" and s.plateau_bad_evals >= cfg.PLATEAU_PATIENCE:
+        s.lr_scale *= cfg.PLATEAU_FACTOR
+        s.plateau_bad_evals = 0
+        logger.info(f"{cfg.EARLY_STOPPING_METRIC} has not improved for {cfg.PLATEAU_PATIENCE} evaluations: "
+                    f"learning rates x {cfg.PLATEAU_FACTOR} (now x {s.lr_scale:.4g} of the base)")
+    stop = bool(cfg.EARLY_STOPPING_PATIENCE) and s.evals_without_improvement >= cfg.EARLY_STOPPING_PATIENCE
+    return s, improved, stop
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -962,7 +1241,8 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict:
     """Python, NumPy and torch generator states, as types torch.load(weights_only=True) accepts."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+    return {"python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
@@ -976,6 +1256,63 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> List[int]:
+    """The order of the training prompts in an epoch: the same on every process and after a resume."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+class StopRequest:
+    """SIGINT / SIGTERM while training: the first finishes (or drops) the step in flight, then the run
+    saves and exits; a second exits at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous: dict = {}
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning(f"Received {signal.Signals(signum).name}: stopping after the step in flight and saving a "
+                       "checkpoint. Press Ctrl-C again to exit at once (no checkpoint of this step).")
+
+    def __enter__(self):
+        threading = sys.modules["threading"]
+        if threading.current_thread() is threading.main_thread():     # signals reach the main thread only
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def check(self, backend: "Backend") -> None:
+        """Drop the step in flight when a signal arrived on any process (all processes agree)."""
+        received = torch.tensor(float(self.signum is not None), device=backend.device)
+        if backend.all_sum(received) > 0:
+            raise StepDropped()
+
+
+class Timer(dict):
+    """Seconds per phase of one step: `with timer("generate"): ...` (waits for the GPU to finish)."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self[name] = self.get(name, 0.0) + time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Backend: one process, DDP, fp16 and DeepSpeed ZeRO behind one interface
+# ---------------------------------------------------------------------------------------------
 def use_cpu(cfg: Config) -> bool:
     """CPU when asked or when there is no GPU (then accelerate's multi-process backend is gloo)."""
     return cfg.DEVICE == "cpu" or not torch.cuda.is_available()
@@ -1004,101 +1341,210 @@ def resolve_mixed_precision(cfg: Config) -> str:
     return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> List[int]:
-    """The order of the training prompts in an epoch: the same on every process and after a resume."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+class Backend:
+    """How a loss becomes an optimizer step, and how values combine across processes, for one process or
+    DDP through accelerate (with fp16's loss scaler); DeepSpeedBackend replaces what DeepSpeed does itself.
+    The training step calls these and never asks which one it runs on."""
+
+    def __init__(self, cfg: Config):
+        from accelerate import Accelerator
+        process_state(cfg)
+        self.cfg = cfg
+        self.accelerator = Accelerator(cpu=use_cpu(cfg) and not use_deepspeed(),
+                                       mixed_precision=resolve_mixed_precision(cfg))
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
+        self.mixed_precision = self.accelerator.mixed_precision
+        self.model = self.optimizer = None
+
+    @staticmethod
+    def create(cfg: Config) -> "Backend":
+        return DeepSpeedBackend(cfg) if use_deepspeed() else Backend(cfg)
+
+    def prepare(self, model: nn.Module, optimizer):
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        return self.model, self.optimizer
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def micro_batch(self, last: bool):
+        """DDP all-reduces the gradients in the backward of a minibatch's last micro-batch only."""
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.accelerator.backward(loss)
+
+    def step(self, learning_rates: Sequence[float]) -> Tuple[torch.Tensor, bool, str]:
+        """Clip each model's gradient norm, then step; skip (weights and optimizer state untouched) when a
+        gradient is NaN / inf. Returns (gradient norms (models,), stepped, what a skip did)."""
+        self.accelerator.unscale_gradients()
+        groups = self.optimizer.param_groups
+        norms = torch.stack([torch.nn.utils.clip_grad_norm_(g["params"], self.cfg.MAX_GRAD_NORM) for g in groups])
+        stepped = bool(torch.isfinite(norms).all())
+        note = f"non-finite gradient (norms {norms.tolist()}); optimizer step skipped, weights unchanged"
+        if stepped:
+            for group, lr in zip(groups, learning_rates):
+                group["lr"] = lr
+            self.optimizer.step()
+        elif self.accelerator.scaler is not None:    # fp16: back off the loss scale as GradScaler's skip does
+            self.accelerator.scaler.update()
+            note += f"; fp16 loss scale lowered to {self.accelerator.scaler.get_scale():g}"
+        self.optimizer.zero_grad(set_to_none=True)
+        return norms, stepped, note
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, "sum") if self.world > 1 else tensor
+
+    def mean_var(self, x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Masked mean and variance over the valid entries of all processes (exact two-pass)."""
+        total, count = self.all_sum(torch.stack([masked_sum(x, mask), mask.sum().to(x.dtype)]))
+        mean = total / count.clamp(min=1)
+        return mean, self.all_sum(masked_sum((x - mean) ** 2, mask)) / (count - 1).clamp(min=1)
+
+    def mean_metrics(self, metrics: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """Every metric averaged over the processes that have a finite value of it (NaN where none has),
+        in one transfer to the host. The names are agreed first, so a key one process lacks is a NaN
+        there, never a misaligned average."""
+        names = sorted(metrics)
+        if self.world > 1:
+            names = sorted(set().union(*gather_object([names])))
+        values = torch.stack([torch.as_tensor(metrics.get(k, math.nan), dtype=torch.float64,
+                                              device=self.device).reshape(()) for k in names])
+        if self.world > 1:
+            finite = torch.isfinite(values)
+            total, count = self.all_sum(torch.stack([torch.where(finite, values, 0.0), finite.double()]))
+            values = total / count
+        return dict(zip(names, values.tolist()))
+
+    def gather_rng(self) -> List[dict]:
+        return gather_object([rng_state()]) if self.world > 1 else [rng_state()]
+
+    def wait(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def optimizer_state(self) -> Optional[dict]:
+        return self.optimizer.state_dict()
+
+    def save_optimizer_parts(self, path: Path) -> List[Path]:
+        return []
+
+    def load_optimizer(self, checkpoint: Path, saved: dict) -> None:
+        if saved["optimizer"] is None:
+            raise TrainingError(f"{checkpoint} was written under DeepSpeed: resume it with the same "
+                                "`accelerate launch --config_file ...` command.")
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("scaler") and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(saved["scaler"])
 
 
+class DeepSpeedBackend(Backend):
+    """DeepSpeed ZeRO through accelerate: ppo.py's constants decide its batch, accumulation and clipping
+    (its config's values are replaced); ppo.py marks the accumulation boundary itself and sets the
+    learning rates before each step; each process holds (and checkpoints) its part of the optimizer."""
+
+    def prepare(self, model: nn.Module, optimizer):
+        cfg, plugin = self.cfg, self.accelerator.state.deepspeed_plugin
+        micro = cfg.BATCH_SIZE * cfg.GROUP_SIZE
+        plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION_STEPS,
+            train_batch_size=micro * cfg.GRADIENT_ACCUMULATION_STEPS * self.world,
+            gradient_clipping=cfg.MAX_GRAD_NORM)
+        plugin.deepspeed_config.pop("scheduler", None)
+        logger.info(f"DeepSpeed ZeRO stage {plugin.zero_stage}: optimizer state split over {self.world} "
+                    "processes; MAX_GRAD_NORM clips the joint norm of both models")
+        return super().prepare(model, optimizer)
+
+    def micro_batch(self, last: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        # the loss is already normalised over the minibatch: no division by the accumulation steps
+        self.model.set_gradient_accumulation_boundary(last)
+        self.model.backward(loss, scale_wrt_gas=False)
+
+    def step(self, learning_rates: Sequence[float]) -> Tuple[torch.Tensor, bool, str]:
+        """DeepSpeed clips the joint gradient norm, steps and zeroes the gradients; it skips a step whose
+        gradients overflow. Its joint norm stands for each model's norm."""
+        for group, lr in zip(self.optimizer.param_groups, learning_rates):
+            group["lr"] = lr
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        norm = float(math.nan if norm is None else norm)
+        norms = torch.full((len(self.optimizer.param_groups),), norm, device=self.device)
+        return norms, bool(self.model.was_step_applied()), f"non-finite gradient (norm {norm}); " \
+            "DeepSpeed skipped the optimizer step"
+
+    def optimizer_state(self) -> Optional[dict]:
+        return None
+
+    def save_optimizer_parts(self, path: Path) -> List[Path]:
+        """Each process writes its part beside the checkpoint-to-be; the main process moves them all in."""
+        zero = self.model.optimizer
+        parts = [path.parent / f".tmp_{path.name}__optimizer_rank_{r}.pt" for r in range(self.world)]
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"base": zero.optimizer.state_dict(), "fp32": list(zero.single_partition_of_fp32_groups)},
+                       parts[self.rank])
+        self.wait()
+        return parts
+
+    def load_optimizer(self, checkpoint: Path, saved: dict) -> None:
+        saved_world = len(list(checkpoint.glob("optimizer_rank_*.pt")))
+        if saved_world != self.world:
+            raise TrainingError(f"{checkpoint} holds the DeepSpeed optimizer state of {saved_world} process(es), "
+                                f"this run has {self.world}: resume it with --num_processes {saved_world or 'N'} "
+                                "and the same DeepSpeed config.")
+        part = torch.load(checkpoint / f"optimizer_rank_{self.rank}.pt", map_location="cpu", weights_only=True)
+        zero = self.model.optimizer
+        zero.optimizer.load_state_dict(part["base"])
+        for mine, theirs in zip(zero.single_partition_of_fp32_groups, part["fp32"]):
+            mine.data.copy_(theirs)
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. PPOTrainer: the algorithm, and the guide's hooks
+# ---------------------------------------------------------------------------------------------
 class PPOTrainer:
     """PPO-RLHF trainer. Keyword arguments: the constants of section 2 (e.g. BATCH_SIZE=2), and
     resume_from_checkpoint="OUTPUT_DIR/checkpoints/step_N" to continue a run exactly."""
 
     def __init__(self, resume_from_checkpoint: Optional[str] = None, **settings):
-        from accelerate import Accelerator
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()           # no "Writing model shards" bars inside our own
         self.cfg = cfg = make_config(settings)
         validate_config(cfg)
-        process_state(cfg)
-        self.accelerator = Accelerator(cpu=use_cpu(cfg) and not use_deepspeed(),
-                                       mixed_precision=resolve_mixed_precision(cfg))
-        self.deepspeed = self.accelerator.state.deepspeed_plugin is not None
-        self.is_main = self.accelerator.is_main_process
-        self.device = self.accelerator.device
+        self.backend = Backend.create(cfg)
+        self.accelerator = self.backend.accelerator
+        self.is_main, self.device = self.backend.is_main, self.backend.device
         self.output_dir = Path(cfg.OUTPUT_DIR)
         self.log_path = setup_logging(self.output_dir, self.is_main)
         self.checkpoint = Path(resume_from_checkpoint) if resume_from_checkpoint else None
-        saved_state = load_checkpoint_state(self.checkpoint, cfg) if self.checkpoint else None
-        seed_everything(cfg.SEED + self.accelerator.process_index)
+        saved = load_checkpoint_state(self.checkpoint, cfg) if self.checkpoint else None
+        seed_everything(cfg.SEED + self.backend.rank)
         self.state = TrainState(kl_coef=cfg.KL_COEF)
         self.plan: Optional[Plan] = None
-        self.references: Dict[str, str] = {}
-        self._warned_kl = False                     # the negative-KL warning is given once per run
+        self.references: Dict[str, str] = {}       # prompt -> the dataset's reference output
         self.prompt_ids: Dict[str, List[int]] = {}
-        self.signal_received: Optional[int] = None
-        self.wandb_run = None
         self.eval_samples: List[dict] = []
-        self._load_models()
-        if saved_state is not None:
-            self._restore(saved_state)
+        self.stop_request = StopRequest()
+        self.files = RunFiles(cfg, self.output_dir, self.is_main, self.log_path)
+        self.warned_negative_kl = False
+        models = load_models(cfg, self.backend, self.checkpoint)
+        self.tokenizer, self.reward_tokenizer, self.stop_ids = models.tokenizer, models.reward_tokenizer, \
+            models.stop_ids
+        self.model, self.optimizer, self.ref, self.reward_model = models.model, models.optimizer, models.ref, \
+            models.reward_model
+        if saved is not None:
+            self.state = restore_checkpoint(saved, self.checkpoint, cfg, self.backend)
 
-    # -- setup --------------------------------------------------------------------------------
-    def _load_models(self) -> None:
-        """Policy and critic (trained, float32 master weights), reference and reward model (frozen, in the
-        mixed-precision dtype); with USE_LORA the reference is the policy's base with its adapters off."""
-        cfg, ckpt = self.cfg, self.checkpoint
-        frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision,
-                                                                           torch.float32)
-        self._check_models()
-        if cfg.USE_LORA:
-            policy = apply_lora(load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, frozen_dtype), cfg,
-                                adapter=str(ckpt / "policy_adapter") if ckpt else None)
-            reference = policy
-        else:
-            policy = load_causal_lm("ACTOR_MODEL", str(ckpt / "policy") if ckpt else cfg.ACTOR_MODEL, cfg, torch.float32)
-            reference = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, frozen_dtype).requires_grad_(False).eval()
-        critic = None
-        if cfg.ADVANTAGE_ESTIMATOR == "gae":
-            critic = load_sequence_classifier("CRITIC_MODEL", str(ckpt / "critic") if ckpt else cfg.CRITIC_MODEL,
-                                              cfg, torch.float32, is_reward=False)
-        for model in (policy, critic):
-            if model is not None and cfg.GRADIENT_CHECKPOINTING:
-                enable_checkpointing(model)
-        reward = load_sequence_classifier("REWARD_MODEL", cfg.REWARD_MODEL, cfg, frozen_dtype, is_reward=True)
-        parked = "cpu" if cfg.OFFLOAD_REF_AND_REWARD else self.device
-        self.ref = PolicyAndCritic(reference, None).to(self.device if cfg.USE_LORA else parked)
-        self.reward_model = reward.requires_grad_(False).eval().to(parked)
-        groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}
-                  for m, lr in ((policy, cfg.LEARNING_RATE), (critic, cfg.CRITIC_LEARNING_RATE)) if m is not None]
-        # fused: one kernel per step instead of a dozen ops per tensor (on the tiny models 1.4 ms against 7 ms on CPU)
-        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.WEIGHT_DECAY, fused=True)
-        if self.deepspeed:
-            self._configure_deepspeed()
-        self.model, self.optimizer = self.accelerator.prepare(PolicyAndCritic(policy, critic), optimizer)
-        counts = [f"{sum(p.numel() for p in g['params']) / 1e6:.2f}M" for g in optimizer.param_groups]
-        logger.info(f"policy {type(policy).__name__} ({counts[0]} trainable parameters), critic "
-                    f"{type(critic).__name__ if critic else 'none'} ({counts[1] if critic else 0}), device "
-                    f"{self.device}, mixed precision {self.accelerator.mixed_precision}")
-        self._check_learning_rate(policy)
+    @property
+    def policy(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model).policy
 
-    def _configure_deepspeed(self) -> None:
-        """ppo.py's constants decide DeepSpeed's batch, accumulation and clipping (its config's values are
-        replaced). ppo.py marks the accumulation boundary itself and sets the learning rates before each step."""
-        cfg, plugin = self.cfg, self.accelerator.state.deepspeed_plugin
-        micro = cfg.BATCH_SIZE * cfg.GROUP_SIZE
-        plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION_STEPS,
-            train_batch_size=micro * cfg.GRADIENT_ACCUMULATION_STEPS * self.accelerator.num_processes,
-            gradient_clipping=cfg.MAX_GRAD_NORM)
-        plugin.deepspeed_config.pop("scheduler", None)
-        logger.info(f"DeepSpeed ZeRO stage {plugin.zero_stage}: optimizer state split over "
-                    f"{self.accelerator.num_processes} processes; MAX_GRAD_NORM clips the joint norm of both models")
-
-    def _check_learning_rate(self, policy: nn.Module) -> None:
-        billions = sum(p.numel() for p in policy.parameters()) / 1e9
-        if billions >= 0.3 and not self.cfg.USE_LORA and self.cfg.LEARNING_RATE > 2e-5:
-            logger.warning(f"LEARNING_RATE = {self.cfg.LEARNING_RATE:g} is far above the usual 1e-6 to 5e-6 for a "
-                           f"{billions:.1f}B-parameter policy; PPO is likely to diverge.")
+    @property
+    def critic(self) -> Optional[nn.Module]:
+        return self.accelerator.unwrap_model(self.model).critic
 
     @contextlib.contextmanager
     def on_device(self, model: nn.Module):
@@ -1111,33 +1557,6 @@ class PPOTrainer:
             yield model
         finally:
             model.to("cpu")
-
-    def _check_models(self) -> None:
-        """Configs, tokenizers and stop tokens of every model, checked before any weights load."""
-        cfg = self.cfg
-        policy_path, policy_config = load_model_config("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)
-        check_model_kind("ACTOR_MODEL", cfg.ACTOR_MODEL, policy_config, "causal")
-        _, reward_config = load_model_config("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
-        check_model_kind("REWARD_MODEL", cfg.REWARD_MODEL, reward_config, "reward")
-        self.tokenizer = load_tokenizer("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)
-        self.tokenizer.padding_side = "left"
-        self.reward_tokenizer = load_tokenizer("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
-        self.stop_ids = stop_token_ids(self.tokenizer, policy_path, policy_config, cfg.STOP_TOKENS)
-        if cfg.ADVANTAGE_ESTIMATOR == "gae":
-            _, critic_config = load_model_config("CRITIC_MODEL", cfg.CRITIC_MODEL, cfg)
-            critic_vocab = vocab_size(critic_config)
-            if critic_vocab is not None and critic_vocab < len(self.tokenizer):
-                raise model_error("CRITIC_MODEL", cfg.CRITIC_MODEL, f"has a vocabulary of {critic_vocab} tokens, "
-                                  f"fewer than the policy's {len(self.tokenizer)}: the critic reads the policy's "
-                                  "tokens, so start it from a model with the policy's tokenizer.")
-
-    @property
-    def policy(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model).policy
-
-    @property
-    def critic(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model).critic
 
     def prepare_prompts(self, prompts: Sequence[str]) -> None:
         """Tokenize prompts once (chat template, MAX_PROMPT_LENGTH) into self.prompt_ids."""
@@ -1154,26 +1573,28 @@ class PPOTrainer:
         limit = self.cfg.MAX_PROMPT_LENGTH
         too_long = sum(len(ids) > limit for ids in encoded)
         if too_long:
-            logger.warning(f"{too_long} of {len(new)} prompts are longer than MAX_PROMPT_LENGTH = {limit} tokens; "
-                           "they keep their last tokens.")
+            logger.warning(f"{too_long} of {len(new)} prompts are longer than MAX_PROMPT_LENGTH = {limit} "
+                           "tokens; they keep their last tokens.")
         self.prompt_ids.update((p, ids[-limit:]) for p, ids in zip(new, encoded))
 
     def make_plan(self, n_prompts: int) -> Plan:
-        cfg, world = self.cfg, self.accelerator.num_processes
+        cfg, world = self.cfg, self.backend.world
         per_step = cfg.BATCH_SIZE * cfg.GRADIENT_ACCUMULATION_STEPS * cfg.NUM_MINI_BATCHES * world
         steps_per_epoch = math.ceil(n_prompts / per_step)
         total = steps_per_epoch * cfg.NUM_EPOCHES
         total = min(total, cfg.MAX_STEPS) if cfg.MAX_STEPS else total
         plan = Plan(n_prompts, per_step, steps_per_epoch, total, total * cfg.GROUP_EPOCHES * cfg.NUM_MINI_BATCHES)
-        if n_prompts < per_step:
-            logger.warning(f"Only {n_prompts} training prompts for a rollout of {per_step}: each step uses them all.")
+        tail = n_prompts % per_step
+        if tail:
+            logger.info(f"The last step of each epoch has {tail} new prompts; it repeats the first "
+                        f"{per_step - tail} of the epoch's order, so every step has {per_step} prompts.")
         logger.info(f"{n_prompts} training prompts; per PPO step {per_step} prompts x {cfg.GROUP_SIZE} responses "
                     f"on {world} process(es); {steps_per_epoch} steps per epoch x {cfg.NUM_EPOCHES} epochs = "
                     f"{total} steps; {plan.optimizer_steps} optimizer steps "
                     f"({cfg.GROUP_EPOCHES} PPO epochs x {cfg.NUM_MINI_BATCHES} minibatches per step)")
         return plan
 
-    # -- rollout --------------------------------------------------------------------------------
+    # -- the rollout: one PPO step's experience ----------------------------------------------------
     def generation_config(self, do_sample: bool, max_new_tokens: int):
         """Sampling from the full softmax(logits / T): every filter the model's generation_config may
         set (top-k, top-p, min-p, typical, repetition penalties, minimum length) is neutralised."""
@@ -1198,7 +1619,7 @@ class PPOTrainer:
         responses, has_eos = [], []
         for start in range(0, len(prompts), cfg.BATCH_SIZE * cfg.GROUP_SIZE):
             query_ids, query_mask = pad_left(queries[start:start + cfg.BATCH_SIZE * cfg.GROUP_SIZE], pad)
-            with torch.no_grad(), self.accelerator.autocast():
+            with torch.no_grad(), self.backend.autocast():
                 out = policy.generate(input_ids=query_ids.to(self.device), generation_config=config,
                                       attention_mask=query_mask.long().to(self.device))
             generated = out[:, query_ids.shape[1]:].cpu()                           # (b, T)
@@ -1236,7 +1657,7 @@ class PPOTrainer:
         for start in range(0, len(texts), chunk):
             enc = tok(texts[start:start + chunk], padding=True, return_tensors="pt",
                       add_special_tokens=not tok.chat_template).to(self.device)
-            with self.accelerator.autocast():
+            with self.backend.autocast():
                 scores.append(sequence_scores(self.reward_model, enc["input_ids"], enc["attention_mask"]))
         return torch.cat(scores)
 
@@ -1248,439 +1669,285 @@ class PPOTrainer:
         return (torch.tensor(correct, device=self.device),
                 torch.tensor([r is not None for r in refs], device=self.device))
 
-    def score_rollout(self, rollout: Rollout) -> Dict[str, torch.Tensor]:
-        """Steps 2-3 of the rollout: score = compute_rewards (+ reference reward), normalised, clipped,
-        minus MISSING_EOS_PENALTY for responses that never stopped."""
-        cfg = self.cfg
+    def rewards_of(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
+        """compute_rewards with the reward model in place, checked: (B,) float32."""
         with self.on_device(self.reward_model):
-            model_scores = self.compute_rewards(rollout.prompts, rollout.responses)
-        model_scores = torch.as_tensor(model_scores, dtype=torch.float32).reshape(-1).to(self.device)
-        if len(model_scores) != len(rollout):
-            raise TrainingError(f"compute_rewards returned {len(model_scores)} scores for {len(rollout)} "
+            scores = self.compute_rewards(prompts, responses)
+        scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).to(self.device)
+        if len(scores) != len(responses):
+            raise TrainingError(f"compute_rewards returned {len(scores)} scores for {len(responses)} "
                                 "responses; it must return one score per response.")
-        metrics = {"objective/rm_score": model_scores.mean()}
-        scores = model_scores
+        return scores
+
+    def score_rollout(self, rollout: Rollout) -> Tuple[torch.Tensor, Optional[tuple], Dict[str, torch.Tensor]]:
+        """Steps 2-3: score = compute_rewards (+ reference reward), normalised, clipped, minus
+        MISSING_EOS_PENALTY for responses that never stopped. Returns (scores (B,), the running reward
+        moments to keep when REWARD_NORMALIZATION is on (else None), metrics)."""
+        cfg = self.cfg
+        model_scores = self.rewards_of(rollout.prompts, rollout.responses)
         correct, has_ref = self.reference_matches(rollout.prompts, rollout.responses)
-        if has_ref.any():
-            metrics["train/accuracy"] = masked_mean(correct, has_ref)
-            scores = scores + cfg.REFERENCE_REWARD * correct
+        scores = model_scores + cfg.REFERENCE_REWARD * correct
+        total, total_sq, count, n_correct, n_ref = self.backend.all_sum(torch.stack([
+            scores.sum(), (scores ** 2).sum(), torch.tensor(float(len(scores)), device=self.device),
+            correct.sum(), has_ref.sum().float()]))
+        metrics = {"objective/rm_score": model_scores.mean()}
+        if self.references:                  # a per-run key: NaN in a step none of whose prompts has one
+            metrics["train/accuracy"] = n_correct / n_ref
+        moments = None
         if cfg.REWARD_NORMALIZATION:
-            scores = self._normalize_scores(scores)
+            s, mean = self.state, (total / count).item()
+            var = max((total_sq / count).item() - mean ** 2, 0.0)
+            moments = merge_moments(s.reward_mean, s.reward_var, s.reward_count, mean, var, int(count.item()))
+            scores = (scores - moments[0]) / math.sqrt(moments[1] + 1e-8)
         if cfg.REWARD_CLIP:
             scores = scores.clamp(-cfg.REWARD_CLIP, cfg.REWARD_CLIP)
-        rollout.scores = scores - cfg.MISSING_EOS_PENALTY * (~rollout.has_eos).float()
-        metrics["objective/score"] = rollout.scores.mean()
-        return metrics
+        scores = scores - cfg.MISSING_EOS_PENALTY * (~rollout.has_eos).float()
+        metrics["objective/score"] = scores.mean()
+        return scores, moments, metrics
 
-    def _normalize_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        s = self.state
-        total, total_sq, count = self._all_sum(torch.stack([scores.sum(), (scores ** 2).sum(),
-                                                            torch.tensor(float(len(scores)), device=self.device)]))
-        mean = (total / count).item()
-        var = max((total_sq / count).item() - mean ** 2, 0.0)
-        s.reward_mean, s.reward_var, s.reward_count = merge_moments(s.reward_mean, s.reward_var, s.reward_count,
-                                                                    mean, var, int(count.item()))
-        return (scores - s.reward_mean) / math.sqrt(s.reward_var + 1e-8)
+    def forward(self, rows: Rows) -> PolicyPass:
+        """The trained models over some rows, on the numeric path of the update (with gradients)."""
+        ids, attention = rows.sequences()
+        with self.backend.autocast():
+            logits, values = self.model(ids, attention, rows.response_ids.shape[1])
+        logprobs, entropy = logprobs_and_entropy(logits, rows.response_ids, self.cfg.TEMPERATURE)
+        return PolicyPass(logprobs, entropy, values)
 
-    def _micro_batches(self, n: int) -> List[torch.Tensor]:
+    def micro_batches(self, n: int) -> List[torch.Tensor]:
         return list(torch.arange(n).split(self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE))
 
     @torch.no_grad()
-    def forward_rollout(self, rollout: Rollout, reference_only: bool = False) -> Dict[str, torch.Tensor]:
-        """Step 4: one no-grad pass each for log pi_ref, and (unless reference_only) log pi_old and V_old on
-        the numeric path the update uses, so that the first update's ratio is exactly 1."""
-        batch, length = rollout.response_ids.shape
-        ref_logprobs = torch.zeros(batch, length, device=self.device)
-        model = self.accelerator.unwrap_model(self.model)
-        for idx in self._micro_batches(batch):
-            mb = rollout.select(idx)
-            ids, attention = mb.sequences()
-            t = mb.response_ids.shape[1]
-            with self.accelerator.autocast(), self.on_device(self.ref):
-                with self.policy.disable_adapter() if self.cfg.USE_LORA else contextlib.nullcontext():
-                    ref_logits, _ = self.ref(ids, attention, t)
-                ref_logprobs[idx, :t] = logprobs_and_entropy(ref_logits, mb.response_ids, self.cfg.TEMPERATURE,
-                                                             with_entropy=False)[0]
-                del ref_logits
-                if not reference_only:
-                    logits, values = model(ids, attention, t)
-                    self.adopt_policy_pass(rollout, idx, *logprobs_and_entropy(logits, mb.response_ids,
-                                                                               self.cfg.TEMPERATURE), values)
-                    del logits
-        rollout.ref_logprobs = ref_logprobs
-        return {} if reference_only else {"objective/entropy": masked_mean(rollout.entropy, rollout.response_mask)}
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """log pi_ref of every response token (B, T), the reference placed once for the whole rollout."""
+        logprobs = torch.zeros(rollout.response_ids.shape, device=self.device)
+        with self.on_device(self.ref), self.backend.autocast():
+            for idx in self.micro_batches(len(rollout)):
+                rows = rollout.select(idx)
+                t = rows.response_ids.shape[1]
+                logits = self.ref(*rows.sequences(), t)
+                logprobs[idx, :t] = logprobs_and_entropy(logits, rows.response_ids, self.cfg.TEMPERATURE,
+                                                         with_entropy=False)[0]
+        return logprobs
 
-    def adopt_policy_pass(self, rollout: Rollout, idx: torch.Tensor, logprobs, entropy, values) -> None:
-        """Store a pass of the unchanged policy and critic over sequences idx as log pi_old, entropy, V_old."""
-        if rollout.old_logprobs is None:
-            shape = rollout.response_ids.shape
-            rollout.old_logprobs, rollout.entropy = torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device)
-            rollout.values = torch.zeros(shape, device=self.device) if values is not None else None
-        t = logprobs.shape[1]
-        rollout.old_logprobs[idx, :t], rollout.entropy[idx, :t] = logprobs.detach(), entropy.detach()
-        if values is not None:
-            rollout.values[idx, :t] = values.detach().float()
+    @torch.no_grad()
+    def old_pass(self, rollout: Rollout) -> PolicyPass:
+        """log pi_old, entropy and V_old of every response token, micro-batch by micro-batch (B, T) each."""
+        shape = rollout.response_ids.shape
+        full = PolicyPass(torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device),
+                          torch.zeros(shape, device=self.device) if self.critic is not None else None)
+        for idx in self.micro_batches(len(rollout)):
+            part = self.forward(rollout.select(idx))
+            t = part.logprobs.shape[1]
+            for whole, piece in zip(full, part):
+                if whole is not None:
+                    whole[idx, :t] = piece.float()
+        return full
 
-    def compute_advantages(self, rollout: Rollout) -> Dict[str, torch.Tensor]:
-        """Steps 5-6: r_t = -beta * KL_t plus the score at the last token; advantages by ADVANTAGE_ESTIMATOR:
-        GAE with the critic, or the critic-free baselines; whitened over the whole batch (gae, reinforce++)."""
-        cfg, mask, beta = self.cfg, rollout.response_mask, self.state.kl_coef
-        kl = kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, cfg.KL_ESTIMATOR)         # (B, T)
-        rewards = shape_rewards(rollout.scores, kl, mask, beta)                               # (B, T)
-        metrics = {}
-        if cfg.ADVANTAGE_ESTIMATOR in ("gae", "reinforce++"):
-            critic = cfg.ADVANTAGE_ESTIMATOR == "gae"
-            values = rollout.values if critic else torch.zeros_like(rewards)
-            advantages, rollout.returns = compute_gae(rewards, values, mask, cfg.GAMMA, cfg.LAM if critic else 1.0)
-            rollout.advantages = masked_whiten(advantages, mask, *self._global_mean_var(advantages, mask))
-            if critic:
-                metrics = {"ppo/returns_mean": masked_mean(rollout.returns, mask),
-                           "ppo/val/mean": masked_mean(values, mask),
-                           "ppo/val/explained_variance": explained_variance(values, rollout.returns, mask)}
-        else:
-            sequence = group_advantages(masked_sum(rewards, mask, 1), cfg.GROUP_SIZE, cfg.ADVANTAGE_ESTIMATOR)
-            advantages = torch.where(mask, sequence[:, None], torch.zeros((), device=self.device))
-            rollout.advantages = advantages
-        non_score_reward = -beta * masked_sum(kl, mask, 1)                                     # (B,)
-        return {"objective/kl": masked_sum(kl, mask, 1).mean(), "objective/kl_coef": torch.tensor(beta),
-                "objective/non_score_reward": non_score_reward.mean(),
-                "objective/rlhf_reward": (rollout.scores + non_score_reward).mean(),
-                "ppo/advantages_mean": masked_mean(advantages, mask), **metrics,
-                "response/length": mask.sum(1).float().mean(), "response/eos_rate": rollout.has_eos.float().mean()}
+    def make_experience(self, prompts: List[str], schedule=None, timer: Optional[Timer] = None
+                        ) -> Tuple[Experience, Optional[PolicyPass], Optional[tuple], Dict[str, torch.Tensor]]:
+        """The rollout recipe for this process's prompts, GROUP_SIZE responses each. Returns the complete
+        experience, the update's first forward when the minibatch schedule lets it stand for the old pass
+        (else None: always without a schedule), the reward moments to keep, and the rollout's metrics."""
+        cfg, check = self.cfg, lambda: self.stop_request.check(self.backend)
+        timer = timer if timer is not None else Timer(self.device)
+        with timer("generate"):                      # 1. sample, cut each response after its first stop token
+            rollout = self.generate_response([p for p in prompts for _ in range(cfg.GROUP_SIZE)])
+        check()
+        with timer("score"):                         # 2-3. score, reference reward, missing-EOS penalty
+            scores, moments, metrics = self.score_rollout(rollout)
+        check()
+        with timer("forward"):
+            ref_logprobs = self.reference_logprobs(rollout)                              # 4. log pi_ref
+            reuse = schedule is not None and reuses_first_pass(schedule, len(rollout))
+            first_pass = self.forward(rollout) if reuse else None
+            old = first_pass.detach() if first_pass is not None else self.old_pass(rollout)   # 4. pi_old, V_old
+            mask, beta = rollout.response_mask, self.state.kl_coef
+            advantages, returns, kl = compute_advantages(scores, old.logprobs, ref_logprobs, old.values, mask,
+                                                         beta, cfg, self.backend.mean_var)   # 5-6.
+        experience = Experience(rollout.query_ids, rollout.query_mask, rollout.response_ids, mask, scores,
+                                old.logprobs, ref_logprobs, old.values, advantages, returns)
+        non_score_reward = -beta * masked_sum(kl, mask, 1)                                  # (B,)
+        metrics.update({"objective/kl": masked_sum(kl, mask, 1).mean(),
+                        "objective/kl_coef": torch.tensor(beta),
+                        "objective/entropy": masked_mean(old.entropy, mask),
+                        "objective/non_score_reward": non_score_reward.mean(),
+                        "objective/rlhf_reward": (scores + non_score_reward).mean(),
+                        "ppo/advantages_mean": masked_mean(advantages, mask),
+                        "response/length": mask.sum(1).float().mean(),
+                        "response/eos_rate": rollout.has_eos.float().mean()})
+        if old.values is not None:
+            metrics.update({"ppo/returns_mean": masked_mean(returns, mask),
+                            "ppo/val/mean": masked_mean(old.values, mask),
+                            "ppo/val/explained_variance": explained_variance(old.values, returns, mask)})
+        return experience, first_pass, moments, metrics
 
-    def make_rollout(self, prompts: List[str], reuse_first_pass: bool = False
-                     ) -> Tuple[Rollout, Dict[str, torch.Tensor], Dict[str, float]]:
-        """The rollout recipe: 1 generate GROUP_SIZE responses per prompt and cut them at the stop token,
-        2 score, 3 penalise a missing EOS, 4 logprobs / reference logprobs / values, 5 KL-shaped rewards,
-        6 GAE and whitening. With reuse_first_pass and a rollout that is a single micro-batch, steps 4
-        (policy and critic) to 6 are left to the update: its first forward runs the same weights on the
-        same tokens, so it is the rollout's pass, and one policy and one critic forward are saved."""
-        timings: Dict[str, float] = {}
-        with self._timed(timings, "generate"):
-            rollout = self.generate_response([p for p in prompts for _ in range(self.cfg.GROUP_SIZE)])
-        self._check_signal()
-        with self._timed(timings, "score"):
-            metrics = self.score_rollout(rollout)
-        self._check_signal()
-        deferred = reuse_first_pass and len(rollout) <= self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE and \
-            self.cfg.NUM_MINI_BATCHES == 1
-        with self._timed(timings, "forward"):
-            metrics.update(self.forward_rollout(rollout, reference_only=deferred))
-            if not deferred:
-                metrics.update(self.compute_advantages(rollout))
-        return rollout, metrics, timings
-
-    # -- update ---------------------------------------------------------------------------------
-    UPDATE_STATS = ("tokens", "pg_loss", "vf_loss", "entropy", "pg_clipped", "vf_clipped", "approx_kl", "ratio")
-
-    def minibatch_schedule(self, n: int, step: int) -> List[List[List[torch.Tensor]]]:
-        """epochs -> minibatches (one optimizer step each) -> micro-batches (index tensors), shuffled per epoch
-        by a generator seeded from (SEED, step): the same after a resume, no draw on the global RNG."""
-        cfg = self.cfg
-        generator = torch.Generator().manual_seed(cfg.SEED * 1_000_003 + step)
-        epochs = []
-        for _ in range(cfg.GROUP_EPOCHES):
-            order = torch.randperm(n, generator=generator)
-            minibatches = [mb for mb in order.tensor_split(cfg.NUM_MINI_BATCHES) if len(mb)]
-            epochs.append([[m for m in mb.tensor_split(cfg.GRADIENT_ACCUMULATION_STEPS) if len(m)]
-                           for mb in minibatches])
-        return epochs
-
-    def accumulate_gradients(self, rollout: Rollout, micro_batches: List[torch.Tensor],
-                             metrics: Optional[dict] = None) -> torch.Tensor:
-        """Forward and backward over one minibatch; every loss is a token sum divided by the minibatch's
-        token count, so the accumulated gradient does not depend on how it is split. Returns stat sums.
-        A rollout without advantages yet (make_rollout's reuse_first_pass) takes its old logprobs and values
-        from this forward, then its advantages (their metrics go into `metrics`)."""
-        cfg, mask_of = self.cfg, rollout.response_mask
-        tokens = self._all_sum(sum(mask_of[idx].sum() for idx in micro_batches).float())
-        normalizer = tokens / self.accelerator.num_processes        # DDP averages gradients over processes
-        stats = []
-        for i, idx in enumerate(micro_batches):
-            mb = rollout.select(idx)
-            ids, attention = mb.sequences()
-            mask = mb.response_mask
-            last = i == len(micro_batches) - 1
-            with contextlib.nullcontext() if last or self.deepspeed else self.accelerator.no_sync(self.model):
-                with self.accelerator.autocast():
-                    logits, values = self.model(ids, attention, mb.response_ids.shape[1])
-                logprobs, entropy = logprobs_and_entropy(logits, mb.response_ids, cfg.TEMPERATURE)
-                if rollout.advantages is None:
-                    self.adopt_policy_pass(rollout, idx, logprobs, entropy, values)
-                    metrics.update(self.compute_advantages(rollout))
-                    metrics["objective/entropy"] = masked_mean(rollout.entropy, rollout.response_mask)
-                    mb = rollout.select(idx)
-                pg_loss, pg_clipped = clipped_policy_loss(logprobs, mb.old_logprobs, mb.advantages, cfg.CLIP_RANGE)
-                loss = masked_sum(pg_loss, mask) - cfg.ENTROPY_COEF * masked_sum(entropy, mask)
-                if values is None:
-                    vf_loss, vf_clipped = torch.zeros_like(pg_loss), torch.zeros_like(pg_clipped)
-                else:
-                    vf_loss, vf_clipped = clipped_value_loss(values, mb.values, mb.returns, cfg.CLIP_RANGE_VALUE)
-                    loss = loss + cfg.VALUE_LOSS_COEF * masked_sum(vf_loss, mask)
-                self._backward(loss / normalizer, last)
-            log_ratio = (logprobs - mb.old_logprobs).detach()
-            stats.append(torch.stack([mask.sum().float(), masked_sum(pg_loss.detach(), mask),
-                                      masked_sum(vf_loss.detach(), mask), masked_sum(entropy.detach(), mask),
-                                      masked_sum(pg_clipped.float(), mask), masked_sum(vf_clipped.float(), mask),
-                                      masked_sum(torch.expm1(log_ratio) - log_ratio, mask),
-                                      masked_sum(log_ratio.exp(), mask)]))
-        return torch.stack(stats).sum(0)
-
-    def _backward(self, loss: torch.Tensor, last: bool) -> None:
-        if self.deepspeed:      # the loss is already normalised over the minibatch: no division by its length
-            self.model.set_gradient_accumulation_boundary(last)
-            self.model.backward(loss, scale_wrt_gas=False)
-        else:
-            self.accelerator.backward(loss)
-
-    def optimizer_step(self) -> Tuple[torch.Tensor, bool]:
-        """Clip each model's gradient norm, then step, or skip (weights, optimizer state and lr schedule
-        untouched) when a gradient is NaN / inf. Returns (gradient norms (2,), stepped)."""
-        if self.deepspeed:
-            return self._deepspeed_step()
-        self.accelerator.unscale_gradients()
-        norms = torch.stack([torch.nn.utils.clip_grad_norm_(group["params"], self.cfg.MAX_GRAD_NORM)
-                             for group in self.optimizer.param_groups])
-        stepped = bool(torch.isfinite(norms).all())
-        if stepped:
-            self._set_learning_rates()
-            self.optimizer.step()
-            self.state.optimizer_steps += 1
-        else:
-            scaler, lowered = self.accelerator.scaler, ""
-            if scaler is not None:      # fp16: back off the loss scale as GradScaler's own skip does (and re-arm it)
-                scaler.update()
-                lowered = f"; fp16 loss scale lowered to {scaler.get_scale():g}"
-            logger.warning(f"step {self.state.global_step + 1}: non-finite gradient (norms {norms.tolist()}); "
-                           f"optimizer step skipped, weights unchanged{lowered}.")
-        self.optimizer.zero_grad(set_to_none=True)
-        return norms, stepped
-
-    def _deepspeed_step(self) -> Tuple[torch.Tensor, bool]:
-        """DeepSpeed clips the joint gradient norm, steps and zeroes the gradients; it skips a step whose
-        gradients overflow. Its joint norm stands for both models' norms."""
-        self._set_learning_rates()
-        self.model.step()
-        norm = self.model.get_global_grad_norm()
-        norm = float(math.nan if norm is None else norm)
-        stepped = bool(self.model.was_step_applied())
-        if stepped:
-            self.state.optimizer_steps += 1
-        else:
-            logger.warning(f"step {self.state.global_step + 1}: non-finite gradient (norm {norm}); "
-                           "DeepSpeed skipped the optimizer step.")
-        return torch.full((2,), norm, device=self.device), stepped
-
-    def learning_rate_factor(self) -> float:
+    # -- the update --------------------------------------------------------------------------------
+    def learning_rates(self) -> Tuple[float, float]:
         cfg = self.cfg
         total = self.plan.optimizer_steps if self.plan else 0
         schedule = (lr_factor(self.state.optimizer_steps, total, cfg.WARMUP_STEPS, cfg.LR_SCHEDULER_TYPE)
                     if cfg.USE_LR_SCHEDULER else 1.0)
-        return schedule * self.state.lr_scale
+        factor = schedule * self.state.lr_scale
+        return cfg.LEARNING_RATE * factor, cfg.CRITIC_LEARNING_RATE * factor
 
-    def _set_learning_rates(self) -> None:
-        factor = self.learning_rate_factor()
-        for group, base in zip(self.optimizer.param_groups, (self.cfg.LEARNING_RATE, self.cfg.CRITIC_LEARNING_RATE)):
-            group["lr"] = base * factor
+    def optimizer_step(self) -> Tuple[torch.Tensor, bool]:
+        """Clip, then step at the scheduled learning rates, or skip a step with a NaN / inf gradient
+        (weights, optimizer state and lr schedule untouched). Returns (gradient norms, stepped)."""
+        norms, stepped, note = self.backend.step(self.learning_rates())
+        self.state.optimizer_steps += stepped
+        if not stepped:
+            logger.warning(f"step {self.state.global_step + 1}: {note}.")
+        return norms, stepped
 
-    def ppo_update(self, rollout: Rollout) -> Dict[str, torch.Tensor]:
-        """GROUP_EPOCHES shuffled passes over the rollout, an optimizer step per minibatch; with TARGET_KL,
+    def minibatch_update(self, experience: Experience, micro_batches: List[torch.Tensor],
+                         first_pass: Optional[PolicyPass] = None) -> Dict[str, torch.Tensor]:
+        """Forward and backward over one minibatch; every loss is a token sum divided by the token count
+        of the whole minibatch on all processes, so the gradient does not depend on how it is split.
+        Returns ppo_loss's statistics summed over the minibatch."""
+        tokens = self.backend.all_sum(sum(experience.response_mask[idx].sum() for idx in micro_batches).float())
+        normalizer = tokens / self.backend.world            # DDP averages gradients over processes
+        totals: Dict[str, torch.Tensor] = {}
+        for i, idx in enumerate(micro_batches):
+            batch = experience.select(idx)
+            last = i == len(micro_batches) - 1
+            with self.backend.micro_batch(last):
+                current = first_pass if first_pass is not None else self.forward(batch)
+                loss, sums = ppo_loss(*current, batch, self.cfg)
+                self.backend.backward(loss / normalizer, last)
+            first_pass = None
+            totals = {k: totals.get(k, 0) + v for k, v in sums.items()}
+        return totals
+
+    def ppo_update(self, experience: Experience, schedule=None,
+                   first_pass: Optional[PolicyPass] = None) -> Dict[str, torch.Tensor]:
+        """GROUP_EPOCHES shuffled passes over the experience, an optimizer step per minibatch; with TARGET_KL,
         the remaining passes are dropped once the approximate KL of a pass exceeds it."""
         cfg = self.cfg
-        totals = torch.zeros(len(self.UPDATE_STATS), device=self.device)
+        schedule = schedule or minibatch_schedule(len(experience), self.state.global_step, cfg)
+        totals: Dict[str, torch.Tensor] = {}
         norms, skipped, epochs_done = [], 0, 0
-        rollout_metrics: Dict[str, torch.Tensor] = {}
-        for minibatches in self.minibatch_schedule(len(rollout), self.state.global_step):
-            epoch_totals = torch.zeros_like(totals)
+        for minibatches in schedule:
+            epoch: Dict[str, torch.Tensor] = {}
             for micro_batches in minibatches:
-                epoch_totals += self.accumulate_gradients(rollout, micro_batches, rollout_metrics)
+                sums = self.minibatch_update(experience, micro_batches, first_pass)
+                first_pass = None
+                epoch = {k: epoch.get(k, 0) + v for k, v in sums.items()}
                 step_norms, stepped = self.optimizer_step()
                 norms.append(step_norms)
                 skipped += not stepped
-            totals += epoch_totals
+            totals = {k: totals.get(k, 0) + v for k, v in epoch.items()}
             epochs_done += 1
-            if cfg.TARGET_KL and (self._all_sum(epoch_totals[6]) / self._all_sum(epoch_totals[0])) > cfg.TARGET_KL:
-                break
-        stat = dict(zip(self.UPDATE_STATS, totals))
-        per_token = {k: v / stat["tokens"].clamp(min=1) for k, v in stat.items()}
-        norms = torch.stack(norms)
-        metrics = {**rollout_metrics, "ppo/loss/policy": per_token["pg_loss"], "ppo/policy/entropy": per_token["entropy"],
-                   "ppo/policy/clipfrac": per_token["pg_clipped"], "ppo/policy/approx_kl": per_token["approx_kl"],
-                   "ppo/ratio_mean": per_token["ratio"], "ppo/epochs": torch.tensor(float(epochs_done)),
-                   "ppo/skipped_optimizer_steps": torch.tensor(float(skipped)),
-                   "grad_norm/policy": norms[:, 0].nanmean()}
-        if rollout.values is not None:
-            metrics.update({"ppo/loss/value": per_token["vf_loss"], "ppo/val/clipfrac": per_token["vf_clipped"],
-                            "grad_norm/critic": norms[:, 1].nanmean()})
-        return metrics
+            if cfg.TARGET_KL:
+                kl, tokens = self.backend.all_sum(torch.stack([epoch["approx_kl"], epoch["tokens"]]))
+                if kl / tokens > cfg.TARGET_KL:
+                    break
+        return update_metrics(totals, torch.stack(norms), epochs_done, skipped)
 
     def train_step(self, prompts: List[str]) -> Dict[str, float]:
-        """One PPO step on this process's prompts: a rollout, then the update. Returns reduced metrics."""
-        start = time.perf_counter()
-        rollout, metrics, timings = self.make_rollout(prompts, reuse_first_pass=True)
-        finite = torch.isfinite(torch.stack([t.sum() for t in (rollout.scores, rollout.ref_logprobs,
-                                                                rollout.advantages, rollout.returns) if t is not None]))
-        self._check_signal()
-        if bool(self._all_sum((~finite).any().float()) == 0):
-            with self._timed(timings, "update"):
-                metrics.update(self.ppo_update(rollout))
-        else:
-            logger.warning(f"step {self.state.global_step + 1}: NaN / inf in the scores or advantages "
-                           "(reward model or compute_rewards); the update is skipped.")
-            metrics["ppo/skipped_optimizer_steps"] = torch.tensor(float(self.cfg.GROUP_EPOCHES))
-        metrics = self._reduce_metrics(metrics)
-        self._count_skips(metrics["ppo/skipped_optimizer_steps"] > 0)
-        if math.isfinite(metrics.get("objective/kl", math.nan)):    # absent when the step was skipped
-            self._follow_kl(metrics["objective/kl"], len(rollout) * self.accelerator.num_processes)
-        timings["step"] = time.perf_counter() - start
-        generated = int(self._all_sum(rollout.response_mask.sum().float()).item())
-        metrics.update({f"time/{k}": v for k, v in timings.items()})
-        metrics["throughput/tokens_per_second"] = generated / timings["step"]
-        metrics.update({f"lr/{name}": group["lr"] for name, group in zip(("policy", "critic"), self.optimizer.param_groups)})
+        """One PPO step on this process's prompts: the experience, then the update. Returns its metrics,
+        averaged over processes: the same keys in every step of a run."""
+        cfg, timer, start = self.cfg, Timer(self.device), time.perf_counter()
+        schedule = minibatch_schedule(len(prompts) * cfg.GROUP_SIZE, self.state.global_step, cfg)
+        experience, first_pass, moments, metrics = self.make_experience(prompts, schedule, timer)
+        finite = torch.isfinite(torch.stack([t.sum() for t in experience.tensors()])).all()
+        self.stop_request.check(self.backend)
+        with timer("update"):
+            if self.backend.all_sum((~finite).float()) == 0:
+                metrics.update(self.ppo_update(experience, schedule, first_pass))
+            else:
+                logger.warning(f"step {self.state.global_step + 1}: NaN / inf in the scores or advantages "
+                               "(reward model or compute_rewards); the update is skipped.")
+                metrics.update(self.skipped_update_metrics(schedule, experience))
+        metrics = self.backend.mean_metrics(metrics)
+        self.commit_step(metrics, moments, len(experience) * self.backend.world)
+        timer["step"] = time.perf_counter() - start
+        generated = self.backend.all_sum(experience.response_mask.sum().float()).item()
+        metrics.update({f"time/{name}": seconds for name, seconds in timer.items()})
+        metrics["throughput/tokens_per_second"] = generated / timer["step"]
+        metrics.update({f"lr/{name}": group["lr"] for name, group in zip(("policy", "critic"),
+                                                                          self.optimizer.param_groups)})
         return metrics
 
-    def _follow_kl(self, kl: float, n_responses: int) -> None:
-        """The step's mean KL moves the adaptive coefficient; a negative one means off-policy samples."""
-        cfg = self.cfg
+    def skipped_update_metrics(self, schedule, experience: Experience) -> Dict[str, torch.Tensor]:
+        """The update's keys for a step whose update did not run: NaN statistics, every optimizer step skipped."""
+        names = ("tokens", "pg_loss", "entropy", "pg_clipped", "approx_kl", "ratio") + (
+            ("vf_loss", "vf_clipped") if experience.values is not None else ())
+        nan = torch.tensor(math.nan, device=self.device)
+        norms = torch.full((1, len(self.optimizer.param_groups)), math.nan)
+        return update_metrics(dict.fromkeys(names, nan), norms, 0, optimizer_steps_per_update(schedule))
+
+    def commit_step(self, metrics: Dict[str, float], moments: Optional[tuple], n_responses: int) -> None:
+        """What a completed step changes in the run state besides the optimizer: reward moments, skip
+        counters, the adaptive KL coefficient."""
+        cfg, s = self.cfg, self.state
+        if moments is not None:
+            s.reward_mean, s.reward_var, s.reward_count = moments
+        skipped = metrics["ppo/skipped_optimizer_steps"] > 0
+        s.skipped_steps += skipped
+        s.consecutive_skips = s.consecutive_skips + 1 if skipped else 0
+        if s.consecutive_skips >= cfg.MAX_CONSECUTIVE_SKIPS:
+            raise TrainingError(
+                f"{s.consecutive_skips} steps in a row hit a NaN / inf (MAX_CONSECUTIVE_SKIPS = "
+                f"{cfg.MAX_CONSECUTIVE_SKIPS}); stopping. The last checkpoint is intact. Try a lower "
+                "LEARNING_RATE, MAX_GRAD_NORM = 0.5, or check the reward model's scores.")
+        kl = metrics["objective/kl"]
+        if not math.isfinite(kl):
+            return
         if cfg.ADAPTIVE_KL:
-            self.state.kl_coef = adaptive_kl_coef(self.state.kl_coef, kl, n_responses, cfg.ADAPTIVE_KL_TARGET,
-                                                  cfg.ADAPTIVE_KL_HORIZON)
-        if kl < -0.1 and cfg.KL_ESTIMATOR == "k1" and not self._warned_kl:
-            self._warned_kl = True
+            s.kl_coef = adaptive_kl_coef(s.kl_coef, kl, n_responses, cfg.ADAPTIVE_KL_TARGET, cfg.ADAPTIVE_KL_HORIZON)
+        if kl < -0.1 and cfg.KL_ESTIMATOR == "k1" and not self.warned_negative_kl:
+            self.warned_negative_kl = True
             logger.warning(f"Mean KL is negative ({kl:.3f}): responses are not sampled from "
                            "the policy itself (filtered sampling, a changed generate, or a temperature mismatch).")
 
-    def _count_skips(self, skipped: bool) -> None:
-        s = self.state
-        s.skipped_steps += skipped
-        s.consecutive_skips = s.consecutive_skips + 1 if skipped else 0
-        if s.consecutive_skips >= self.cfg.MAX_CONSECUTIVE_SKIPS:
-            raise TrainingError(
-                f"{s.consecutive_skips} steps in a row hit a NaN / inf (MAX_CONSECUTIVE_SKIPS = "
-                f"{self.cfg.MAX_CONSECUTIVE_SKIPS}); stopping. The last checkpoint is intact. Try a lower "
-                "LEARNING_RATE, MAX_GRAD_NORM = 0.5, or check the reward model's scores.")
-
-    # -- helpers shared by rollout and update ---------------------------------------------------
-    def _all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.reduce(tensor, "sum") if self.accelerator.num_processes > 1 else tensor
-
-    def _global_mean_var(self, x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Masked mean and variance over the valid entries of all processes (exact two-pass)."""
-        if self.accelerator.num_processes == 1:
-            return masked_mean(x, mask), masked_var(x, mask)
-        total, count = self._all_sum(torch.stack([masked_sum(x, mask), mask.sum().to(x.dtype)]))
-        mean = total / count
-        return mean, self._all_sum(masked_sum((x - mean) ** 2, mask)) / (count - 1).clamp(min=1)
-
-    def _reduce_metrics(self, metrics: Dict[str, torch.Tensor]) -> Dict[str, float]:
-        """Every metric averaged over processes, with one transfer to the host."""
-        names = list(metrics)
-        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=self.device).reshape(())
-                              for k in names])
-        if self.accelerator.num_processes > 1:
-            values = self.accelerator.reduce(values, "mean")
-        return dict(zip(names, values.tolist()))
-
-    @contextlib.contextmanager
-    def _timed(self, timings: Dict[str, float], name: str):
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        timings[name] = time.perf_counter() - start
-
-    def _check_signal(self) -> None:
-        """Drop the step in flight when SIGINT / SIGTERM arrived before its update began (all processes agree)."""
-        received = torch.tensor(float(self.signal_received is not None), device=self.device)
-        if self._all_sum(received) > 0:
-            raise StepDropped()
-
-    # -- evaluation -----------------------------------------------------------------------------
+    # -- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, eval_prompts: List[str]) -> Dict[str, float]:
         """Generate for this process's share of eval_prompts (greedy unless EVAL_GREEDY is False) and
-        measure: mean reward-model score, accuracy against references, response length, EOS rate.
-        Override to add metrics: eval_metrics["custom_metric"] = ...; they are logged as eval/<name>."""
-        prompts = eval_prompts[self.accelerator.process_index::self.accelerator.num_processes]
-        rewards, correct, has_ref, lengths, eos = [], [], [], [], []
+        measure, over all processes: mean reward-model score, accuracy against references, response length,
+        EOS rate. Override to add metrics: eval_metrics["custom_metric"] = ...; logged as eval/<name>."""
+        prompts, real = shard(eval_prompts, self.backend.rank, self.backend.world)
+        sums = torch.zeros(6, device=self.device)          # reward, length, eos, correct, has_ref, count
         chunk = self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE
         for start in range(0, len(prompts), chunk):
             batch = prompts[start:start + chunk]
+            counted = (torch.arange(start, start + len(batch), device=self.device) < real).float()
             generation = self.generate_response(batch, do_sample=not self.cfg.EVAL_GREEDY)
-            with self.on_device(self.reward_model):
-                batch_rewards = self.compute_rewards(batch, generation.responses)
-            rewards.append(torch.as_tensor(batch_rewards, dtype=torch.float32).reshape(-1).to(self.device))
-            batch_correct, batch_has_ref = self.reference_matches(batch, generation.responses)
-            correct.append(batch_correct)
-            has_ref.append(batch_has_ref)
-            lengths.append(generation.response_mask.sum(1).float())
-            eos.append(generation.has_eos.float())
+            rewards = self.rewards_of(batch, generation.responses)
+            correct, has_ref = self.reference_matches(batch, generation.responses)
+            rows = torch.stack([rewards, generation.response_mask.sum(1).float(), generation.has_eos.float(),
+                                correct, has_ref.float(), torch.ones_like(rewards)])
+            sums += (rows * counted).sum(1)
             if start == 0:
                 self.eval_samples = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in
-                                     zip(batch, generation.responses, rewards[0])][:self.cfg.NUM_SAMPLES_TO_LOG]
-        rewards, correct, has_ref = torch.cat(rewards), torch.cat(correct), torch.cat(has_ref)
-        eval_metrics = {"reward": rewards.mean().item(), "response_length": torch.cat(lengths).mean().item(),
-                        "eos_rate": torch.cat(eos).mean().item()}
-        if has_ref.any():
-            eval_metrics["accuracy"] = masked_mean(correct, has_ref).item()
-        return eval_metrics
+                                     zip(batch[:real], generation.responses, rewards)][:self.cfg.NUM_SAMPLES_TO_LOG]
+        reward, length, eos, correct, has_ref, count = self.backend.all_sum(sums).tolist()
+        metrics = {"reward": reward / count, "response_length": length / count, "eos_rate": eos / count}
+        if has_ref:
+            metrics["accuracy"] = correct / has_ref
+        return metrics
 
     def run_evaluation(self, eval_prompts: List[str]) -> Dict[str, float]:
         """evaluate(), averaged over processes, keys prefixed with eval/, samples logged."""
         start = time.perf_counter()
         self.eval_samples = []
         metrics = self.evaluate(eval_prompts)
-        metrics = self._reduce_metrics({k if k.startswith("eval/") else f"eval/{k}": v for k, v in metrics.items()})
-        metrics["time/eval"] = time.perf_counter() - start
+        metrics = self.backend.mean_metrics({k if k.startswith("eval/") else f"eval/{k}": v
+                                             for k, v in metrics.items()})
         self.state.last_eval_step = self.state.global_step
-        summary = " ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/"))
+        summary = " ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items())
+        metrics["eval/seconds"] = time.perf_counter() - start
         logger.info(f"eval at step {self.state.global_step}: {summary}")
         for sample in self.eval_samples:
             logger.info(f"  prompt: {sample['prompt']!r}\n  response: {sample['response']!r}\n"
                         f"  reward: {sample['reward']:.3f}")
-        if self.is_main and self.eval_samples:
-            with open(self.output_dir / "logs" / "samples.jsonl", "a", encoding="utf-8") as f:
-                for sample in self.eval_samples:
-                    f.write(json.dumps({"step": self.state.global_step, **sample}, ensure_ascii=False) + "\n")
-            if self.wandb_run is not None:
-                import wandb
-                table = wandb.Table(columns=["step", "prompt", "response", "reward"],
-                                    data=[[self.state.global_step, s["prompt"], s["response"], s["reward"]]
-                                          for s in self.eval_samples])
-                self.wandb_run.log({"eval/samples": table}, step=self.state.global_step)
+        self.files.samples(self.state.global_step, self.eval_samples)
         return metrics
 
-    def track_eval_metric(self, metrics: Dict[str, float]) -> bool:
-        """Early stopping and the "plateau" schedule on EARLY_STOPPING_METRIC; keeps the best policy in
-        OUTPUT_DIR/best when early stopping is on. Returns True when the run should stop."""
-        cfg, s = self.cfg, self.state
-        name = cfg.EARLY_STOPPING_METRIC
-        if name not in metrics:
-            raise ConfigError(f"EARLY_STOPPING_METRIC = {name!r} is not an evaluation metric; available: "
-                              f"{sorted(k for k in metrics if k.startswith('eval/'))}.")
-        value = metrics[name]
-        improved = s.best_metric is None or value > s.best_metric + cfg.EARLY_STOPPING_MIN_DELTA
-        if improved:
-            s.best_metric, s.best_step, s.evals_without_improvement, s.plateau_bad_evals = value, s.global_step, 0, 0
-            if cfg.EARLY_STOPPING_PATIENCE:
-                self.save_policy(self.output_dir / "best")
-        else:
-            s.evals_without_improvement += 1
-            s.plateau_bad_evals += 1
-        if cfg.USE_LR_SCHEDULER and cfg.LR_SCHEDULER_TYPE == "plateau" and s.plateau_bad_evals >= cfg.PLATEAU_PATIENCE:
-            s.lr_scale *= cfg.PLATEAU_FACTOR
-            s.plateau_bad_evals = 0
-            logger.info(f"{name} has not improved for {cfg.PLATEAU_PATIENCE} evaluations: learning rates x "
-                        f"{cfg.PLATEAU_FACTOR} (now x {s.lr_scale:.4g} of the base)")
-        stop = bool(cfg.EARLY_STOPPING_PATIENCE) and s.evals_without_improvement >= cfg.EARLY_STOPPING_PATIENCE
-        if stop:
-            logger.info(f"Early stopping: {name} has not improved for {s.evals_without_improvement} evaluations; "
-                        f"best {s.best_metric:.4g} at step {s.best_step} (policy in {self.output_dir / 'best'})")
-        return stop
-
-    # -- the training loop ----------------------------------------------------------------------
+    # -- the training loop -------------------------------------------------------------------------
     def train(self, train_prompts: Optional[List[str]] = None, eval_prompts: Optional[List[str]] = None) -> str:
-        """Train until NUM_EPOCHES, MAX_STEPS or early stopping. Returns why it stopped."""
+        """Train until NUM_EPOCHES, MAX_STEPS or early stopping; without prompts, on TRAIN_DATASETS and
+        EVAL_DATASETS. Returns why it stopped."""
         if train_prompts is None:
             train_prompts, eval_prompts, references = load_data(self.cfg)
             self.references.update(references)
@@ -1689,236 +1956,120 @@ class PPOTrainer:
             raise ConfigError(f"OUTPUT_DIR = {str(self.output_dir)!r} already holds a run (checkpoints or "
                               "logs/metrics.jsonl). Resume it (RESUME = 'yes', or resume_from_checkpoint=...), or "
                               "choose another OUTPUT_DIR; nothing there is overwritten.")
+        if eval_metric_in_use(self.cfg) and not eval_prompts:
+            raise ConfigError(f"EARLY_STOPPING_METRIC = {self.cfg.EARLY_STOPPING_METRIC!r} drives early stopping "
+                              "or the plateau schedule, but EVAL_DATASETS is empty: add an evaluation set, or "
+                              "set EARLY_STOPPING_PATIENCE = 0.")
         self.prepare_prompts(list(train_prompts) + eval_prompts)
         self.plan = self.make_plan(len(train_prompts))
-        self._start_outputs()
-        handlers = self._install_signal_handlers()
+        self.files.open(self.state.global_step if self.checkpoint else None)
         try:
-            if self.state.global_step == 0 and self.state.last_eval_step < 0 and eval_prompts:
-                self._log_row(self.run_evaluation(eval_prompts))
-            reason = self._train_loop(train_prompts, eval_prompts)
+            with self.stop_request:
+                if self.state.global_step == 0 and self.state.last_eval_step < 0 and eval_prompts:
+                    metrics = self.run_evaluation(eval_prompts)
+                    error = missing_eval_metric(self.cfg, metrics)
+                    if error:
+                        raise error
+                    self.log_row(metrics)
+                reason = self.train_loop(train_prompts, eval_prompts)
         except StepDropped:
             reason = "interrupted"
-        finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
-        if self.state.global_step > 0 and not self._checkpoint_path(self.state.global_step).exists():
+        if self.state.global_step > 0 and not checkpoint_path(self.output_dir, self.state.global_step).exists():
             self.save_checkpoint()
-        self.finish_outputs()
+        self.files.close()
         if reason == "interrupted":
-            raise TrainingInterrupted(self.signal_received, self._checkpoint_path(self.state.global_step))
+            raise TrainingInterrupted(self.stop_request.signum,
+                                      checkpoint_path(self.output_dir, self.state.global_step))
         logger.info(f"Training finished ({reason}) at step {self.state.global_step}. Outputs: {self.output_dir}")
         return reason
 
-    def _train_loop(self, train_prompts: List[str], eval_prompts: List[str]) -> str:
-        cfg, plan, s = self.cfg, self.plan, self.state
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        for epoch in range(s.epoch, cfg.NUM_EPOCHES):
-            s.epoch = epoch
+    def train_loop(self, train_prompts: List[str], eval_prompts: List[str]) -> str:
+        cfg, plan, backend = self.cfg, self.plan, self.backend
+        for epoch in range(self.state.epoch, cfg.NUM_EPOCHES):
+            self.state.epoch = epoch
             order = epoch_order(len(train_prompts), cfg.SEED, epoch)
-            with tqdm(total=plan.steps_per_epoch, initial=math.ceil(s.position / plan.prompts_per_step),
+            with tqdm(total=plan.steps_per_epoch, initial=math.ceil(self.state.position / plan.prompts_per_step),
                       desc=f"Epoch {epoch + 1}/{cfg.NUM_EPOCHES}", disable=not self.is_main, dynamic_ncols=True,
                       bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]") as bar:
-                while s.position < len(train_prompts):
-                    if s.global_step >= plan.total_steps:
+                while self.state.position < len(train_prompts):
+                    if self.state.global_step >= plan.total_steps:
                         return "max_steps"
-                    batch = [train_prompts[i] for i in order[s.position:s.position + plan.prompts_per_step]]
-                    before = (dataclasses.replace(s), rng_state())
+                    batch = step_prompt_indices(order, self.state.position, plan.prompts_per_step)
+                    rng = rng_state()
                     try:
-                        metrics = self.train_step(batch[rank::world])
-                    except StepDropped:              # undo what the dropped step drew or counted
-                        self.state, s = before[0], before[0]
-                        set_rng_state(before[1])
+                        metrics = self.train_step([train_prompts[i] for i in batch[backend.rank::backend.world]])
+                    except StepDropped:                  # undo what the dropped step drew
+                        set_rng_state(rng)
                         raise
-                    s.position += len(batch)
-                    s.global_step += 1
+                    self.state.position = min(self.state.position + plan.prompts_per_step, len(train_prompts))
+                    self.state.global_step += 1
                     bar.update(1)
-                    reason = self._after_step(metrics, eval_prompts, bar)
+                    reason = self.after_step(metrics, eval_prompts, bar)
                     if reason:
                         return reason
-            s.epoch, s.position = epoch + 1, 0
+            self.state.epoch, self.state.position = epoch + 1, 0
         return "completed"
 
-    def _after_step(self, metrics: Dict[str, float], eval_prompts: List[str], bar) -> Optional[str]:
-        """Evaluate, log, save, and decide whether to stop, after PPO step s.global_step."""
-        cfg, s = self.cfg, self.state
-        last = s.global_step >= self.plan.total_steps
-        stop = False
-        if eval_prompts and self.signal_received is None and (
-                last or (cfg.EVAL_EVERY_N_STEPS and s.global_step % cfg.EVAL_EVERY_N_STEPS == 0)):
+    def after_step(self, metrics: Dict[str, float], eval_prompts: List[str], bar) -> Optional[str]:
+        """Evaluate, log, save, and decide whether to stop, after PPO step global_step."""
+        cfg, step = self.cfg, self.state.global_step
+        stop, error = False, None
+        if eval_prompts and self.stop_request.signum is None and (
+                step >= self.plan.total_steps or (cfg.EVAL_EVERY_N_STEPS and step % cfg.EVAL_EVERY_N_STEPS == 0)):
             eval_metrics = self.run_evaluation(eval_prompts)
             metrics.update(eval_metrics)
-            stop = self.track_eval_metric(eval_metrics)
-        self._log_row(metrics)
-        bar.set_description_str(f"Epoch {s.epoch + 1}/{cfg.NUM_EPOCHES}: {progress_postfix(metrics)}")
-        if (cfg.SAVE_EVERY_N_STEPS and s.global_step % cfg.SAVE_EVERY_N_STEPS == 0) or stop:
+            error = missing_eval_metric(cfg, eval_metrics)
+            if cfg.EARLY_STOPPING_METRIC in eval_metrics:
+                self.state, improved, stop = track_eval(self.state, eval_metrics[cfg.EARLY_STOPPING_METRIC], cfg)
+                if improved and cfg.EARLY_STOPPING_PATIENCE:
+                    self.save_policy(self.output_dir / "best")
+        self.log_row(metrics)
+        bar.set_description_str(f"Epoch {self.state.epoch + 1}/{cfg.NUM_EPOCHES}: {progress_postfix(metrics)}")
+        if (cfg.SAVE_EVERY_N_STEPS and step % cfg.SAVE_EVERY_N_STEPS == 0) or stop or error:
             self.save_checkpoint()
-        if self.signal_received is not None:
-            return "interrupted"
-        return "early_stopping" if stop else None
+        if error:
+            raise error
+        if stop:
+            logger.info(f"Early stopping: {cfg.EARLY_STOPPING_METRIC} has not improved for "
+                        f"{self.state.evals_without_improvement} evaluations; best {self.state.best_metric:.4g} "
+                        f"at step {self.state.best_step} (policy in {self.output_dir / 'best'})")
+            return "early_stopping"
+        return "interrupted" if self.stop_request.signum is not None else None
 
-    def _log_row(self, metrics: Dict[str, float]) -> None:
-        """One row of logs/metrics.jsonl (and wandb) per step: the step's metrics and its evaluation."""
+    def log_row(self, metrics: Dict[str, float]) -> None:
         s = self.state
-        row = {"step": s.global_step, "epoch": s.epoch + (s.position / self.plan.prompts if self.plan else 0.0),
-               **metrics}
-        s.history.append(json_safe(row))
-        if self.is_main:
-            self.metrics_file.write(json.dumps(json_safe(row), ensure_ascii=False) + "\n")
-            self.metrics_file.flush()
-            if self.wandb_run is not None:
-                self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=s.global_step)
+        epoch = s.epoch + (s.position / self.plan.prompts if self.plan else 0.0)
+        self.files.log({"step": s.global_step, "epoch": epoch, **metrics}, s.global_step)
 
-    # -- outputs --------------------------------------------------------------------------------
-    def _start_outputs(self) -> None:
-        """training_config.json, logs/metrics.jsonl (cut back to the resumed step), wandb."""
-        self.wandb_run = None
-        if not self.is_main:
-            return
-        metrics_path = self.output_dir / "logs" / "metrics.jsonl"
-        try:
-            (self.output_dir / "training_config.json").write_text(json.dumps(self.cfg, indent=2, ensure_ascii=False))
-            truncate_metrics(metrics_path, self.state.global_step if self.checkpoint else -1)
-            self.metrics_file = open(metrics_path, "a", encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"OUTPUT_DIR = {str(self.output_dir)!r} is not writable ({e.strerror}); choose "
-                              "another folder or fix its permissions.") from None
-        logger.info(f"Log: {self.log_path}; metrics: {metrics_path}")
-        if self.cfg.USE_WANDB:
-            self.wandb_run = start_wandb(self.cfg, self.output_dir, resuming=self.checkpoint is not None)
-
-    def finish_outputs(self) -> None:
-        """Flush and close the metrics, finish wandb, draw the charts."""
-        if not self.is_main:
-            return
-        self.metrics_file.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-        try:
-            for path in plot_metrics(self.state.history, self.output_dir):
-                logger.info(f"Chart: {path}")
-        except Exception as e:                     # a chart must never cost the run its checkpoint or exit status
-            logger.warning(f"Could not draw the charts: {type(e).__name__}: {e}")
-
-    def _install_signal_handlers(self) -> dict:
-        """First SIGINT / SIGTERM: finish (or drop) the step in flight, save, exit. Second: exit at once."""
-        def handler(signum, frame):
-            if self.signal_received is not None:
-                raise KeyboardInterrupt
-            self.signal_received = signum
-            logger.warning(f"Received {signal.Signals(signum).name}: stopping after the step in flight and saving a "
-                           "checkpoint. Press Ctrl-C again to exit at once (no checkpoint of this step).")
-        if sys.modules["threading"].current_thread() is not sys.modules["threading"].main_thread():
-            return {}
-        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    # -- checkpoints (section 9 holds the file format) -------------------------------------------
-    def _checkpoint_path(self, step: int) -> Path:
-        return self.output_dir / "checkpoints" / f"step_{step}"
-
+    # -- checkpoints -------------------------------------------------------------------------------
     def save_policy(self, folder: Path) -> None:
         """Policy and tokenizer in Hugging Face format, written atomically (used for best/)."""
         if self.is_main:
-            write_atomically(folder, lambda tmp: self._write_policy(tmp, tmp / "adapter"))
-        self.accelerator.wait_for_everyone()
-
-    def _write_policy(self, folder: Path, adapter_folder: Path) -> None:
-        """A folder AutoModelForCausalLM.from_pretrained loads; under LoRA the adapters go to adapter_folder
-        (what a resume loads) and `folder` gets base + adapters merged on a CPU copy (training is untouched)."""
-        if not self.cfg.USE_LORA:
-            return self._write_model(self.policy, folder, self.tokenizer)
-        from peft import PeftModel
-        self.policy.save_pretrained(adapter_folder)
-        base = load_causal_lm("ACTOR_MODEL", self.cfg.ACTOR_MODEL, self.cfg, torch.float32)
-        self._write_model(PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload(), folder,
-                          self.tokenizer)
-
-    def _write_model(self, model: nn.Module, folder: Path, tokenizer) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+            write_atomically(folder, lambda tmp: write_policy(self.policy, self.tokenizer, tmp, tmp / "adapter",
+                                                              self.cfg))
+        self.backend.wait()
 
     def save_checkpoint(self) -> Path:
         """OUTPUT_DIR/checkpoints/step_N/{policy/, critic/, training_state.pt, config.json}, complete or absent."""
-        path = self._checkpoint_path(self.state.global_step)
-        rng = gather_object([rng_state()]) if self.accelerator.num_processes > 1 else [rng_state()]
-        shards = self._save_optimizer_shard(path) if self.deepspeed else []
-        if self.is_main and not path.exists():
-            scaler = self.accelerator.scaler
-            state = {"format": 1, "state": dataclasses.asdict(self.state), "rng": rng,
-                     "optimizer": None if self.deepspeed else self.optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler is not None else None}
-
-            def write(tmp: Path) -> None:
-                for shard in shards:
-                    os.replace(shard, tmp / shard.name.split("__", 1)[1])
-                self._write_policy(tmp / "policy", tmp / "policy_adapter")
-                if self.critic is not None:
-                    self._write_model(self.critic, tmp / "critic", self.reward_tokenizer)
-                torch.save(state, tmp / "training_state.pt")
-                (tmp / "config.json").write_text(json.dumps(self.cfg, indent=2, ensure_ascii=False))
-            try:
-                write_atomically(path, write)
-            except OSError as e:
-                raise TrainingError(f"Could not write checkpoint {path}: {e.strerror or first_line(e)}. Free space "
-                                    f"on the disk holding {path.parent} (or fix its permissions); the previous "
-                                    "checkpoints there are intact. Run again to resume from the latest.") from None
-            logger.info(f"Checkpoint saved: {path}")
+        path = checkpoint_path(self.output_dir, self.state.global_step)
+        write_checkpoint(path, self.state, self.backend, self.cfg, self.policy, self.critic, self.tokenizer)
+        if self.is_main:
             rotate_checkpoints(self.output_dir / "checkpoints", self.cfg.SAVE_TOTAL_LIMIT,
                                keep=self.state.best_step if self.cfg.EARLY_STOPPING_PATIENCE else None)
-        self.accelerator.wait_for_everyone()
+        self.backend.wait()
         return path
-
-    def _save_optimizer_shard(self, path: Path) -> List[Path]:
-        """Under DeepSpeed ZeRO each process holds its part of the optimizer state; each writes it beside the
-        checkpoint-to-be, and the main process moves them all into it. Returns the parts' paths (main process)."""
-        zero, rank = self.model.optimizer, self.accelerator.process_index
-        shards = [path.parent / f".tmp_{path.name}__optimizer_rank_{r}.pt"
-                  for r in range(self.accelerator.num_processes)]
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"base": zero.optimizer.state_dict(), "fp32": list(zero.single_partition_of_fp32_groups)},
-                       shards[rank])
-        self.accelerator.wait_for_everyone()
-        return shards
-
-    def _load_optimizer_shard(self) -> None:
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        shard = self.checkpoint / f"optimizer_rank_{rank}.pt"
-        saved_world = len(list(self.checkpoint.glob("optimizer_rank_*.pt")))
-        if saved_world != world:
-            raise TrainingError(f"{self.checkpoint} holds the DeepSpeed optimizer state of {saved_world} process(es), "
-                                f"this run has {world}: resume it with --num_processes {saved_world or 'N'} and the "
-                                "same DeepSpeed config.")
-        saved = torch.load(shard, map_location="cpu", weights_only=True)
-        zero = self.model.optimizer
-        zero.optimizer.load_state_dict(saved["base"])
-        for mine, theirs in zip(zero.single_partition_of_fp32_groups, saved["fp32"]):
-            mine.data.copy_(theirs)
-
-    def _restore(self, saved: dict) -> None:
-        """Continue from a checkpoint's training_state.pt (its weights were loaded with the models)."""
-        self.state = TrainState(**saved["state"])
-        if self.deepspeed:
-            self._load_optimizer_shard()
-        elif saved["optimizer"] is None:
-            raise TrainingError(f"{self.checkpoint} was written under DeepSpeed: resume it with the same "
-                                "`accelerate launch --config_file ...` command.")
-        else:
-            self.optimizer.load_state_dict(saved["optimizer"])
-        if saved.get("scaler") and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(saved["scaler"])
-        rng = saved["rng"]
-        set_rng_state(rng[self.accelerator.process_index] if len(rng) > self.accelerator.process_index else rng[0])
-        logger.info(f"Resumed from {self.checkpoint}: step {self.state.global_step}, epoch {self.state.epoch + 1}, "
-                    f"{self.state.position} prompts into it")
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Checkpoint files: atomic writes, discovery, rotation, loading without running code
+# 11. Checkpoints and run files: atomic writes, discovery, rotation, loading without running code
 # ---------------------------------------------------------------------------------------------
 CHECKPOINT_FILES = ("policy/config.json", "training_state.pt", "config.json")
 CHECKPOINT_HELP = ("Check: 1. the checkpoint path is right; 2. training_state.pt exists in it; "
                    "3. the model architecture matches the checkpoint (ACTOR_MODEL, CRITIC_MODEL).")
+
+
+def checkpoint_path(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"step_{step}"
 
 
 def fsync_path(path: Path) -> None:
@@ -1956,6 +2107,64 @@ def write_atomically(final: Path, write) -> None:
         shutil.rmtree(old)
 
 
+def write_checkpoint(path: Path, state: TrainState, backend: Backend, cfg: Config, policy: nn.Module,
+                     critic: Optional[nn.Module], tokenizer) -> None:
+    """step_N/{policy/, critic/, training_state.pt, config.json} (+ optimizer parts under DeepSpeed),
+    written by the main process into a temporary folder that is renamed when complete."""
+    rng = backend.gather_rng()
+    parts = backend.save_optimizer_parts(path)
+    if not backend.is_main or path.exists():
+        return
+    scaler = backend.accelerator.scaler
+    training_state = {"format": 1, "state": dataclasses.asdict(state), "rng": rng,
+                      "optimizer": backend.optimizer_state(),
+                      "scaler": scaler.state_dict() if scaler is not None else None}
+
+    def write(tmp: Path) -> None:
+        for part in parts:
+            os.replace(part, tmp / part.name.split("__", 1)[1])
+        write_policy(policy, tokenizer, tmp / "policy", tmp / "policy_adapter", cfg)
+        if critic is not None:           # the critic reads the policy's tokens: it keeps the policy's tokenizer
+            write_model(critic, tokenizer, tmp / "critic")
+        torch.save(training_state, tmp / "training_state.pt")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    try:
+        write_atomically(path, write)
+    except OSError as e:
+        raise TrainingError(f"Could not write checkpoint {path}: {e.strerror or first_line(e)}. Free space "
+                            f"on the disk holding {path.parent} (or fix its permissions); the previous "
+                            "checkpoints there are intact. Run again to resume from the latest.") from None
+    logger.info(f"Checkpoint saved: {path}")
+
+
+def restore_checkpoint(saved: dict, checkpoint: Path, cfg: Config, backend: Backend) -> TrainState:
+    """The run state of a checkpoint's training_state.pt, its optimizer and RNG restored (its weights were
+    loaded with the models). Settings changed since then win over what the state remembers of them."""
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    state = TrainState(**{k: v for k, v in saved["state"].items() if k in known})
+    backend.load_optimizer(checkpoint, saved)
+    rng = saved["rng"]
+    set_rng_state(rng[backend.rank] if len(rng) > backend.rank else rng[0])
+    if len(rng) <= backend.rank:
+        logger.warning(f"{checkpoint} was saved by {len(rng)} process(es); process {backend.rank} continues "
+                       "with the random state of process 0.")
+    before = saved.get("config", {})
+    if before.get("KL_COEF", cfg.KL_COEF) != cfg.KL_COEF:
+        if cfg.ADAPTIVE_KL:
+            logger.info(f"ADAPTIVE_KL: the controller's KL coefficient {state.kl_coef:.4g} from the checkpoint "
+                        f"continues; KL_COEF = {cfg.KL_COEF} is only the start value of a new run.")
+        else:
+            state.kl_coef = cfg.KL_COEF
+    if before.get("EARLY_STOPPING_METRIC", cfg.EARLY_STOPPING_METRIC) != cfg.EARLY_STOPPING_METRIC:
+        logger.info(f"EARLY_STOPPING_METRIC changed to {cfg.EARLY_STOPPING_METRIC!r}: its best value and "
+                    "patience counters start afresh.")
+        state.best_metric, state.best_step = None, -1
+        state.evals_without_improvement = state.plateau_bad_evals = 0
+    logger.info(f"Resumed from {checkpoint}: step {state.global_step}, epoch {state.epoch + 1}, "
+                f"{state.position} prompts into it")
+    return state
+
+
 def holds_run(output_dir) -> bool:
     """Whether a training run has already written checkpoints or metrics into this folder."""
     metrics = Path(output_dir) / "logs" / "metrics.jsonl"
@@ -1984,7 +2193,8 @@ def rotate_checkpoints(root: Path, limit: int, keep: Optional[int]) -> None:
 
 
 def load_checkpoint_state(path: Path, cfg: Config) -> dict:
-    """Check a checkpoint folder and compare its settings; returns its training_state.pt (tensors only)."""
+    """Check a checkpoint folder and compare its settings; returns its training_state.pt (tensors only),
+    with the checkpoint's settings under "config"."""
     needed = CHECKPOINT_FILES + (("critic/config.json",) if cfg.ADVANTAGE_ESTIMATOR == "gae" else ()) + (
         ("policy_adapter/adapter_config.json",) if cfg.USE_LORA else ())
     missing = [f for f in needed if not (path / f).exists()]
@@ -2007,29 +2217,98 @@ def load_checkpoint_state(path: Path, cfg: Config) -> dict:
     for k in changed:
         if k not in STRUCTURE_KEYS:
             logger.warning(f"Resuming with a changed setting: {k} was {saved_cfg[k]!r}, now {cfg[k]!r}")
+    saved["config"] = saved_cfg
     return saved
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """On resume keep exactly the rows up to the checkpoint's step (dropping those the interrupted run wrote
-    after it, and a torn last line); on a fresh start (last_step < 0) keep the file as it is."""
-    if last_step < 0 or not path.exists():
+    after it, and a torn last line)."""
+    if not path.exists():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and row.get("step", math.inf) <= last_step:
-            kept.append(line)
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if (row := json_row(line)) is not None and row.get("step", math.inf) <= last_step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     tmp.replace(path)
 
 
+def json_row(line: str) -> Optional[dict]:
+    """One line of metrics.jsonl as a dict, or None for a torn or foreign line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def read_metrics(path: Path) -> List[dict]:
+    return [row for line in path.read_text(encoding="utf-8").splitlines() if (row := json_row(line))]
+
+
+class RunFiles:
+    """The run's outputs, written by the main process only: training_config.json, logs/metrics.jsonl
+    (one row per step and evaluation, flushed as written), logs/samples.jsonl, wandb, and the charts."""
+
+    def __init__(self, cfg: Config, output_dir: Path, is_main: bool, log_path: Optional[Path]):
+        self.cfg, self.output_dir, self.is_main, self.log_path = cfg, output_dir, is_main, log_path
+        self.metrics_path = output_dir / "logs" / "metrics.jsonl"
+        self.metrics_file = self.wandb_run = None
+
+    def open(self, resumed_step: Optional[int]) -> None:
+        """Start writing; a resumed run first cuts metrics.jsonl back to its checkpoint's step."""
+        if not self.is_main:
+            return
+        try:
+            (self.output_dir / "training_config.json").write_text(json.dumps(self.cfg, indent=2,
+                                                                             ensure_ascii=False))
+            if resumed_step is not None:
+                truncate_metrics(self.metrics_path, resumed_step)
+            self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"OUTPUT_DIR = {str(self.output_dir)!r} is not writable ({e.strerror}); choose "
+                              "another folder or fix its permissions.") from None
+        logger.info(f"Log: {self.log_path}; metrics: {self.metrics_path}")
+        if self.cfg.USE_WANDB:
+            self.wandb_run = start_wandb(self.cfg, self.output_dir, resuming=resumed_step is not None)
+
+    def log(self, row: dict, step: int) -> None:
+        if self.metrics_file is None:
+            return
+        self.metrics_file.write(json.dumps(json_safe(row), ensure_ascii=False) + "\n")
+        self.metrics_file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    def samples(self, step: int, samples: List[dict]) -> None:
+        if not self.is_main or not samples:
+            return
+        with open(self.output_dir / "logs" / "samples.jsonl", "a", encoding="utf-8") as f:
+            for sample in samples:
+                f.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")
+        if self.wandb_run is not None:
+            import wandb
+            table = wandb.Table(columns=["step", "prompt", "response", "reward"],
+                                data=[[step, s["prompt"], s["response"], s["reward"]] for s in samples])
+            self.wandb_run.log({"eval/samples": table}, step=step)
+
+    def close(self) -> None:
+        """Flush and close the metrics, finish wandb, draw the charts from metrics.jsonl."""
+        if self.metrics_file is None:
+            return
+        self.metrics_file.close()
+        self.metrics_file = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        try:
+            for path in plot_metrics(read_metrics(self.metrics_path), self.output_dir):
+                logger.info(f"Chart: {path}")
+        except Exception as e:                     # a chart must never cost the run its checkpoint or exit status
+            logger.warning(f"Could not draw the charts: {type(e).__name__}: {e}")
+
+
 # ---------------------------------------------------------------------------------------------
-# 10. Logging, metrics and charts
+# 12. Logging, metrics and charts
 # ---------------------------------------------------------------------------------------------
 class TqdmLoggingHandler(logging.Handler):
     """Echo log lines to the terminal without breaking the progress bar."""
@@ -2180,7 +2459,7 @@ def plot_metrics(history: List[dict], output_dir: Path) -> List[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 11. Entry point
+# 13. Entry point
 # ---------------------------------------------------------------------------------------------
 def load_data(cfg: Config) -> Tuple[List[str], List[str], Dict[str, str]]:
     """(train prompts, eval prompts, {prompt: reference}) from TRAIN_DATASETS and EVAL_DATASETS."""
@@ -2243,7 +2522,6 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = parse_args(argv)
         validate_config(cfg)
         train_prompts, eval_prompts, references = load_data(cfg)
-        # The guide's debug scenario may cut them here: train_prompts = train_prompts[:5]
         resume, cfg, note = agree_on_resume(cfg)
         trainer = PPOTrainer(resume_from_checkpoint=resume, **cfg)
         if note:
@@ -2278,11 +2556,7 @@ def plot_run(args: List[str]) -> int:
     metrics = Path(args[0]) / "logs" / "metrics.jsonl"
     if not metrics.exists():
         raise ConfigError(f"{metrics} does not exist: --plot needs the OUTPUT_DIR of a run.")
-    rows = []
-    for line in metrics.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            rows.append(json.loads(line))
-    for path in plot_metrics(rows, Path(args[0])):
+    for path in plot_metrics(read_metrics(metrics), Path(args[0])):
         print(path)
     return 0
 
