@@ -1086,6 +1086,7 @@ class Experience(Rows):
     query_mask: torch.Tensor                     # (B, P) bool
     response_ids: torch.Tensor                   # (B, T)
     response_mask: torch.Tensor                  # (B, T) bool
+    has_eos: torch.Tensor                        # (B,) bool
     scores: torch.Tensor                         # (B,) score of each response, penalties included
     old_logprobs: torch.Tensor                   # (B, T) log pi_old(token) at TEMPERATURE
     ref_logprobs: torch.Tensor                   # (B, T) log pi_ref(token)
@@ -1104,8 +1105,8 @@ class PolicyPass(NamedTuple):
     entropy: torch.Tensor
     values: Optional[torch.Tensor]
 
-    def detach(self) -> "PolicyPass":
-        return PolicyPass(*(None if t is None else t.detach() for t in self))
+    def detached_rows(self, idx: torch.Tensor) -> "PolicyPass":
+        return PolicyPass(*(None if t is None else t.detach()[idx.to(t.device)] for t in self))
 
 
 def minibatch_schedule(n: int, step: int, cfg) -> List[List[List[torch.Tensor]]]:
@@ -1745,41 +1746,50 @@ class PPOTrainer:
 
     def make_experience(self, prompts: List[str], schedule=None, timer: Optional[Timer] = None
                         ) -> Tuple[Experience, Optional[PolicyPass], Optional[tuple], Dict[str, torch.Tensor]]:
-        """The rollout recipe for this process's prompts, GROUP_SIZE responses each. Returns the complete
-        experience, the update's first forward when the minibatch schedule lets it stand for the old pass
-        (else None: always without a schedule), the reward moments to keep, and the rollout's metrics."""
-        cfg, check = self.cfg, lambda: self.stop_request.check(self.backend)
+        """The rollout recipe for this process's prompts, GROUP_SIZE responses each: 1-3 here, 4-6 in
+        experience_of. Returns the complete experience, the update's first forward when the minibatch
+        schedule lets it stand for the old pass (else None: always without a schedule), the reward
+        moments to keep, and the rollout's metrics."""
+        check = lambda: self.stop_request.check(self.backend)      # noqa: E731
         timer = timer if timer is not None else Timer(self.device)
         with timer("generate"):                      # 1. sample, cut each response after its first stop token
-            rollout = self.generate_response([p for p in prompts for _ in range(cfg.GROUP_SIZE)])
+            rollout = self.generate_response([p for p in prompts for _ in range(self.cfg.GROUP_SIZE)])
         check()
         with timer("score"):                         # 2-3. score, reference reward, missing-EOS penalty
             scores, moments, metrics = self.score_rollout(rollout)
         check()
         with timer("forward"):
-            ref_logprobs = self.reference_logprobs(rollout)                              # 4. log pi_ref
-            reuse = schedule is not None and reuses_first_pass(schedule, len(rollout))
-            first_pass = self.forward(rollout) if reuse else None
-            old = first_pass.detach() if first_pass is not None else self.old_pass(rollout)   # 4. pi_old, V_old
-            mask, beta = rollout.response_mask, self.state.kl_coef
-            advantages, returns, kl = compute_advantages(scores, old.logprobs, ref_logprobs, old.values, mask,
-                                                         beta, cfg, self.backend.mean_var)   # 5-6.
-        experience = Experience(rollout.query_ids, rollout.query_mask, rollout.response_ids, mask, scores,
-                                old.logprobs, ref_logprobs, old.values, advantages, returns)
+            experience, first_pass, pass_metrics = self.experience_of(rollout, scores, schedule)
+        return experience, first_pass, moments, {**metrics, **pass_metrics}
+
+    def experience_of(self, rollout: Rollout, scores: torch.Tensor, schedule=None
+                      ) -> Tuple[Experience, Optional[PolicyPass], Dict[str, torch.Tensor]]:
+        """Steps 4-6 of the recipe on a scored rollout: (experience, first pass or None, metrics)."""
+        cfg, mask, beta = self.cfg, rollout.response_mask, self.state.kl_coef
+        ref_logprobs = self.reference_logprobs(rollout)                                  # 4. log pi_ref
+        reuse = schedule is not None and reuses_first_pass(schedule, len(rollout))
+        order = schedule[0][0][0] if reuse else None                   # the first micro-batch's row order
+        first_pass = self.forward(rollout.select(order)) if reuse else None
+        old = first_pass.detached_rows(torch.argsort(order)) if reuse else self.old_pass(rollout)   # 4. pi_old
+        advantages, returns, kl = compute_advantages(scores, old.logprobs, ref_logprobs, old.values, mask,
+                                                     beta, cfg, self.backend.mean_var)   # 5. rewards, 6. A
+        experience = Experience(rollout.query_ids, rollout.query_mask, rollout.response_ids, mask,
+                                rollout.has_eos, scores, old.logprobs, ref_logprobs, old.values, advantages,
+                                returns)
         non_score_reward = -beta * masked_sum(kl, mask, 1)                                  # (B,)
-        metrics.update({"objective/kl": masked_sum(kl, mask, 1).mean(),
-                        "objective/kl_coef": torch.tensor(beta),
-                        "objective/entropy": masked_mean(old.entropy, mask),
-                        "objective/non_score_reward": non_score_reward.mean(),
-                        "objective/rlhf_reward": (scores + non_score_reward).mean(),
-                        "ppo/advantages_mean": masked_mean(advantages, mask),
-                        "response/length": mask.sum(1).float().mean(),
-                        "response/eos_rate": rollout.has_eos.float().mean()})
+        metrics = {"objective/kl": masked_sum(kl, mask, 1).mean(),
+                   "objective/kl_coef": torch.tensor(beta),
+                   "objective/entropy": masked_mean(old.entropy, mask),
+                   "objective/non_score_reward": non_score_reward.mean(),
+                   "objective/rlhf_reward": (scores + non_score_reward).mean(),
+                   "ppo/advantages_mean": masked_mean(advantages, mask),
+                   "response/length": mask.sum(1).float().mean(),
+                   "response/eos_rate": rollout.has_eos.float().mean()}
         if old.values is not None:
             metrics.update({"ppo/returns_mean": masked_mean(returns, mask),
                             "ppo/val/mean": masked_mean(old.values, mask),
                             "ppo/val/explained_variance": explained_variance(old.values, returns, mask)})
-        return experience, first_pass, moments, metrics
+        return experience, first_pass, metrics
 
     # -- the update --------------------------------------------------------------------------------
     def learning_rates(self) -> Tuple[float, float]:

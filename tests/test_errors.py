@@ -384,7 +384,7 @@ def case_output_dir_is_under_a_file(tiny, tmp, s, mp):
 
 
 def case_out_of_memory(tiny, tmp, s, mp):
-    def ppo_update(self, rollout):
+    def ppo_update(self, *args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
     mp.setattr(ppo.PPOTrainer, "ppo_update", ppo_update)
     return dict(code=1, early=False, words=["out of memory", "BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS",
@@ -745,21 +745,21 @@ def test_reward_model_with_another_vocabulary_trains(tiny, tmp_path, capsys):
 
 
 def test_large_learning_rate_for_a_large_policy_warns(make_trainer, capsys):
-    """_check_learning_rate on a 0.4B-parameter module (meta tensors: no memory)."""
+    """check_learning_rate on a 0.4B-parameter module (meta tensors: no memory)."""
     trainer = make_trainer(**FAST)
     big = nn.Linear(20_000, 20_000, device="meta")
     assert sum(p.numel() for p in big.parameters()) >= 0.3e9
     capsys.readouterr()
-    trainer._check_learning_rate(big)
+    ppo.check_learning_rate(big, trainer.cfg)
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if "LEARNING_RATE" in line]
     assert len(warnings) == 1 and " WARNING " in warnings[0], err
     assert_words(warnings[0], [f"LEARNING_RATE = {ppo.LEARNING_RATE!r}", "1e-6 to 5e-6", "0.4B"])
     assert "1e-6 to 5e-6" in trainer.log_path.read_text(encoding="utf-8")
 
-    trainer._check_learning_rate(nn.Linear(8, 8))                     # a small policy: 1e-4 is fine
+    ppo.check_learning_rate(nn.Linear(8, 8), trainer.cfg)                     # a small policy: 1e-4 is fine
     trainer.cfg["LEARNING_RATE"] = 2e-6                                 # the usual range: no warning
-    trainer._check_learning_rate(big)
+    ppo.check_learning_rate(big, trainer.cfg)
     trainer.cfg.update(LEARNING_RATE=1e-4, USE_LORA=True)              # LoRA adapters take larger rates
-    trainer._check_learning_rate(big)
+    ppo.check_learning_rate(big, trainer.cfg)
     assert "LEARNING_RATE" not in capsys.readouterr().err

@@ -11,14 +11,21 @@ import ppo
 PROMPTS = ["What is 3 + 4?", "What is 12 + 5?", "What is 41 + 9?", "What is 7 + 0?"]
 
 
-def first_micro_batch(trainer, rollout):
-    return trainer.minibatch_schedule(len(rollout), trainer.state.global_step)[0][0][0]
+def first_micro_batch(trainer, rows):
+    return ppo.minibatch_schedule(len(rows), trainer.state.global_step, trainer.cfg)[0][0][0]
+
+
+def experience_of(trainer, prompts):
+    """The rollout recipe with its own pass for log pi_old and V_old: (experience, metrics)."""
+    experience, first_pass, _, metrics = trainer.make_experience(prompts)
+    assert first_pass is None
+    return experience, metrics
 
 
 def test_ratio_is_one_on_first_minibatch(make_trainer):
     """Old logprobs come from the training numeric path (dropout off, same trimming): ratio == 1 to 1e-6."""
     trainer = make_trainer(GRADIENT_ACCUMULATION_STEPS=2, STOP_TOKENS=["1", "2", "3"], MAX_NEW_TOKENS=10)
-    rollout, _, _ = trainer.make_rollout(PROMPTS)
+    rollout, _ = experience_of(trainer, PROMPTS)
     assert rollout.response_mask.sum(1).unique().numel() > 1, "want responses of several lengths"
     mb = rollout.select(first_micro_batch(trainer, rollout))
     logits, values = trainer.model(*mb.sequences(), mb.response_ids.shape[1])
@@ -26,7 +33,7 @@ def test_ratio_is_one_on_first_minibatch(make_trainer):
     ratio = torch.exp(logprobs - mb.old_logprobs)
     assert (ratio - 1).abs()[mb.response_mask].max() < 1e-6
     assert (values - mb.values).abs()[mb.response_mask].max() < 1e-6
-    stats = dict(zip(trainer.UPDATE_STATS, trainer.accumulate_gradients(rollout, [first_micro_batch(trainer, rollout)])))
+    stats = trainer.minibatch_update(rollout, [first_micro_batch(trainer, rollout)])
     assert stats["pg_clipped"] == 0 and abs(stats["ratio"] / stats["tokens"] - 1) < 1e-6
 
 
@@ -43,7 +50,7 @@ def test_score_sits_on_last_real_token(make_trainer):
     after the last real token (TRL's old bug) would leave them all 0."""
     trainer = make_trainer(KL_COEF=0.0, GAMMA=1.0, LAM=1.0, STOP_TOKENS=["1", "2", "3"], MAX_NEW_TOKENS=10,
                            MISSING_EOS_PENALTY=0.5)
-    rollout, _, _ = trainer.make_rollout(PROMPTS)
+    rollout, _ = experience_of(trainer, PROMPTS)
     mask = rollout.response_mask
     expected = rollout.scores[:, None].expand_as(mask)
     torch.testing.assert_close(rollout.returns[mask], expected[mask], atol=1e-5, rtol=1e-5)
@@ -58,20 +65,20 @@ def test_padding_content_changes_nothing(make_trainer):
     """Whatever token ids sit in the padding (prompt left padding, after the EOS), no logprob, value,
     loss, gradient or metric changes."""
     trainer = make_trainer(STOP_TOKENS=["1", "2", "3"], MAX_NEW_TOKENS=10)
-    rollout, _, _ = trainer.make_rollout(PROMPTS)
-    garbage = dataclasses.replace(rollout)
+    rollout = trainer.generate_response([p for p in PROMPTS for _ in range(trainer.cfg.GROUP_SIZE)])
+    scores = trainer.score_rollout(rollout)[0]
     g = torch.Generator().manual_seed(0)
     vocab = len(trainer.tokenizer)
-    garbage.query_ids = torch.where(rollout.query_mask, rollout.query_ids,
-                                    torch.randint(3, vocab, rollout.query_ids.shape, generator=g))
-    garbage.response_ids = torch.where(rollout.response_mask, rollout.response_ids,
-                                       torch.randint(3, vocab, rollout.response_ids.shape, generator=g))
+    garbage = dataclasses.replace(
+        rollout, query_ids=torch.where(rollout.query_mask, rollout.query_ids,
+                                       torch.randint(3, vocab, rollout.query_ids.shape, generator=g)),
+        response_ids=torch.where(rollout.response_mask, rollout.response_ids,
+                                 torch.randint(3, vocab, rollout.response_ids.shape, generator=g)))
     assert not torch.equal(garbage.response_ids, rollout.response_ids)
     results = []
     for r in (rollout, garbage):
-        metrics = trainer.forward_rollout(r)
-        metrics.update(trainer.compute_advantages(r))
-        stats = trainer.accumulate_gradients(r, [torch.arange(len(r))])
+        r, _, metrics = trainer.experience_of(r, scores)
+        stats = trainer.minibatch_update(r, [torch.arange(len(r))])
         grads = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
         trainer.optimizer.zero_grad()
         results.append((r, metrics, stats, grads))
@@ -89,12 +96,12 @@ def test_padding_content_changes_nothing(make_trainer):
 def test_gradient_accumulation_matches_one_big_batch(make_trainer):
     """BATCH_SIZE=1 x GRADIENT_ACCUMULATION_STEPS=8 gives the gradient of 8 x 1 (token-level normalisation)."""
     trainer = make_trainer(STOP_TOKENS=["1", "2", "3"], MAX_NEW_TOKENS=10)
-    rollout, _, _ = trainer.make_rollout(PROMPTS)
+    rollout, _ = experience_of(trainer, PROMPTS)
     assert len(rollout) == 8 and rollout.response_mask.sum(1).unique().numel() > 1
 
     def gradients(micro_batches):
         trainer.optimizer.zero_grad()
-        stats = trainer.accumulate_gradients(rollout, micro_batches)
+        stats = trainer.minibatch_update(rollout, micro_batches)
         return stats, [p.grad.clone() for p in trainer.model.parameters()]
 
     stats_one, one = gradients([torch.arange(8)])
@@ -180,18 +187,21 @@ def test_long_prompts_keep_their_end_with_one_warning(make_trainer, caplog):
 
 
 def test_reusing_the_first_pass_changes_nothing(make_trainer, tmp_path):
-    """A rollout that is one micro-batch takes log pi_old and V_old from the update's first forward instead of a
-    separate pass: same advantages, same updated weights as the separate-pass path."""
+    """When the update's first micro-batch holds every row, log pi_old and V_old come from its forward instead
+    of a separate pass: same experience, same updated weights as the separate-pass path."""
     fused = make_trainer(OUTPUT_DIR=str(tmp_path / "a"), STOP_TOKENS=["1", "2", "3"], MAX_NEW_TOKENS=10)
     separate = make_trainer(OUTPUT_DIR=str(tmp_path / "b"), STOP_TOKENS=["1", "2", "3"], MAX_NEW_TOKENS=10)
-    rollout, _, _ = fused.make_rollout(PROMPTS, reuse_first_pass=True)
-    assert rollout.old_logprobs is None and rollout.advantages is None and rollout.ref_logprobs is not None
-    copy = dataclasses.replace(rollout)
-    separate.forward_rollout(copy)
-    separate.compute_advantages(copy)
-    metrics_fused, metrics_separate = fused.ppo_update(rollout), separate.ppo_update(copy)
+    rollout = fused.generate_response([p for p in PROMPTS for _ in range(fused.cfg.GROUP_SIZE)])
+    scores = fused.score_rollout(rollout)[0]
+    schedule = ppo.minibatch_schedule(len(rollout), 0, fused.cfg)
+    assert ppo.reuses_first_pass(schedule, len(rollout))
+    reused, first_pass, _ = fused.experience_of(rollout, scores, schedule)
+    copy, no_pass, _ = separate.experience_of(rollout, scores)
+    assert first_pass is not None and no_pass is None
+    metrics_fused = fused.ppo_update(reused, schedule, first_pass)
+    metrics_separate = separate.ppo_update(copy, schedule)
     for field in ("old_logprobs", "values", "advantages", "returns"):
-        torch.testing.assert_close(getattr(rollout, field), getattr(copy, field), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(getattr(reused, field), getattr(copy, field), atol=1e-6, rtol=1e-5)
     assert metrics_fused["ppo/ratio_mean"] == pytest.approx(float(metrics_separate["ppo/ratio_mean"]), abs=1e-6)
     for (name, p), q in zip(fused.model.named_parameters(), separate.model.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)

@@ -45,10 +45,10 @@ sys.path.insert(0, {root!r})
 import ppo
 settings = json.load(open({config!r}))
 trainer = ppo.PPOTrainer(**settings)
-rollout = ppo.Rollout(**torch.load({rollout!r}, weights_only=True))
+experience = ppo.Experience(**torch.load({rollout!r}, weights_only=True))
 rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
-shard = rollout.select(torch.arange(rank, len(rollout), world))
-trainer.accumulate_gradients(shard, [torch.arange(len(shard))])
+shard = experience.select(torch.arange(rank, len(experience), world))
+trainer.minibatch_update(shard, [torch.arange(len(shard))])
 grads = {{n: p.grad.clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}}
 if rank == 0:
     torch.save(grads, {grads!r})
@@ -62,11 +62,11 @@ def test_two_processes_give_the_gradient_of_one(tiny, tmp_path, make_trainer):
     gradient over the whole rollout (the loss is normalised by the token count of all processes)."""
     settings = tiny_settings(tiny, tmp_path / "out", STOP_TOKENS=["1", "2", "3"], MAX_NEW_TOKENS=10)
     trainer = ppo.PPOTrainer(**settings)
-    rollout, _, _ = trainer.make_rollout(PROMPTS)
+    rollout, _, _, _ = trainer.make_experience(PROMPTS)
     lengths = rollout.response_mask.sum(1)
     assert lengths[0::2].sum() != lengths[1::2].sum(), "want unequal token counts on the two processes"
     torch.save({f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout)}, tmp_path / "rollout.pt")
-    trainer.accumulate_gradients(rollout, [torch.arange(len(rollout))])
+    trainer.minibatch_update(rollout, [torch.arange(len(rollout))])
     single = {n: p.grad.clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
     (tmp_path / "run.json").write_text(json.dumps(settings))
     driver = tmp_path / "driver.py"
@@ -85,7 +85,7 @@ def test_critic_free_estimators_load_no_critic(make_trainer, tmp_path):
         trainer = make_trainer(ADVANTAGE_ESTIMATOR=estimator, GROUP_SIZE=4, MAX_STEPS=1, SAVE_EVERY_N_STEPS=1,
                                EVAL_DATASETS=[], OUTPUT_DIR=str(tmp_path / estimator))
         assert trainer.critic is None and len(trainer.optimizer.param_groups) == 1
-        rollout, metrics, _ = trainer.make_rollout(PROMPTS[:2])
+        rollout, _, _, metrics = trainer.make_experience(PROMPTS[:2])
         mask = rollout.response_mask
         kl = ppo.kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, trainer.cfg.KL_ESTIMATOR)
         total = rollout.scores - trainer.state.kl_coef * torch.where(mask, kl, 0.0).sum(1)    # (B,)
@@ -117,7 +117,7 @@ def test_lora_trains_few_parameters_and_saves_a_plain_model(make_trainer):
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     total = sum(p.numel() for p in policy.parameters())
     assert trainable < 0.1 * total and all("lora_" in n for n, p in policy.named_parameters() if p.requires_grad)
-    assert trainer.ref.policy is policy                                   # no second copy for the reference
+    assert trainer.ref.model is policy                                    # no second copy for the reference
     base_before = {n: p.clone() for n, p in policy.named_parameters() if not p.requires_grad}
     trainer.train()
     assert all(torch.equal(p, base_before[n]) for n, p in policy.named_parameters() if not p.requires_grad)

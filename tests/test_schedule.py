@@ -53,7 +53,7 @@ class ScriptedEval(ppo.PPOTrainer):
 
     def evaluate(self, eval_prompts):
         metrics = super().evaluate(eval_prompts[:1])
-        metrics["reward"] = self.script[len(self.state.history) if self.state.history else 0]
+        metrics["reward"] = self.script[self.state.global_step]
         return metrics
 
 
