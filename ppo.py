@@ -1946,7 +1946,7 @@ class PPOTrainer:
                                              for k, v in metrics.items()})
         self.state.last_eval_step = self.state.global_step
         summary = " ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items())
-        metrics["eval/seconds"] = time.perf_counter() - start
+        metrics["time/eval"] = time.perf_counter() - start
         logger.info(f"eval at step {self.state.global_step}: {summary}")
         for sample in self.eval_samples:
             logger.info(f"  prompt: {sample['prompt']!r}\n  response: {sample['response']!r}\n"
@@ -2159,12 +2159,11 @@ def restore_checkpoint(saved: dict, checkpoint: Path, cfg: Config, backend: Back
         logger.warning(f"{checkpoint} was saved by {len(rng)} process(es); process {backend.rank} continues "
                        "with the random state of process 0.")
     before = saved.get("config", {})
-    if before.get("KL_COEF", cfg.KL_COEF) != cfg.KL_COEF:
-        if cfg.ADAPTIVE_KL:
-            logger.info(f"ADAPTIVE_KL: the controller's KL coefficient {state.kl_coef:.4g} from the checkpoint "
-                        f"continues; KL_COEF = {cfg.KL_COEF} is only the start value of a new run.")
-        else:
-            state.kl_coef = cfg.KL_COEF
+    if not (cfg.ADAPTIVE_KL and before.get("ADAPTIVE_KL", True)):
+        state.kl_coef = cfg.KL_COEF             # a fixed coefficient, or a controller that starts now
+    elif before.get("KL_COEF", cfg.KL_COEF) != cfg.KL_COEF:
+        logger.info(f"ADAPTIVE_KL: the controller's KL coefficient {state.kl_coef:.4g} from the checkpoint "
+                    f"continues; KL_COEF = {cfg.KL_COEF} is only the start value of a new run.")
     if before.get("EARLY_STOPPING_METRIC", cfg.EARLY_STOPPING_METRIC) != cfg.EARLY_STOPPING_METRIC:
         logger.info(f"EARLY_STOPPING_METRIC changed to {cfg.EARLY_STOPPING_METRIC!r}: its best value and "
                     "patience counters start afresh.")
