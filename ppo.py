@@ -524,6 +524,23 @@ def ppo_loss(logprobs, entropy, values, batch, cfg) -> Tuple[torch.Tensor, Dict[
     return loss, sums
 
 
+def skipped_update_metrics(optimizer_steps: int, with_critic: bool) -> Dict[str, torch.Tensor]:
+    """update_metrics' keys for a step whose update did not run: NaN statistics, every optimizer step skipped."""
+    names = ("tokens", "pg_loss", "entropy", "pg_clipped", "approx_kl", "ratio") + (
+        ("vf_loss", "vf_clipped") if with_critic else ())
+    nan = torch.tensor(math.nan)
+    return update_metrics(dict.fromkeys(names, nan), torch.full((1, 2), math.nan), 0, optimizer_steps)
+
+
+def learning_rates(state, plan, cfg) -> Tuple[float, float]:
+    """Policy and critic learning rates at the state's optimizer step: schedule x plateau scale x base."""
+    total = plan.optimizer_steps if plan else 0
+    schedule = (lr_factor(state.optimizer_steps, total, cfg.WARMUP_STEPS, cfg.LR_SCHEDULER_TYPE)
+                if cfg.USE_LR_SCHEDULER else 1.0)
+    factor = schedule * state.lr_scale
+    return cfg.LEARNING_RATE * factor, cfg.CRITIC_LEARNING_RATE * factor
+
+
 def update_metrics(sums: Dict[str, torch.Tensor], norms: torch.Tensor, epochs: int,
                    skipped: int) -> Dict[str, torch.Tensor]:
     """The update's log rows from ppo_loss's sums over the whole update and the gradient norms
@@ -1714,15 +1731,12 @@ class PPOTrainer:
         logprobs, entropy = logprobs_and_entropy(logits, rows.response_ids, self.cfg.TEMPERATURE)
         return PolicyPass(logprobs, entropy, values)
 
-    def micro_batches(self, n: int) -> List[torch.Tensor]:
-        return list(torch.arange(n).split(self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE))
-
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """log pi_ref of every response token (B, T), the reference placed once for the whole rollout."""
         logprobs = torch.zeros(rollout.response_ids.shape, device=self.device)
         with self.on_device(self.ref), self.backend.autocast():
-            for idx in self.micro_batches(len(rollout)):
+            for idx in torch.arange(len(rollout)).split(self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE):
                 rows = rollout.select(idx)
                 t = rows.response_ids.shape[1]
                 logits = self.ref(*rows.sequences(), t)
@@ -1733,16 +1747,11 @@ class PPOTrainer:
     @torch.no_grad()
     def old_pass(self, rollout: Rollout) -> PolicyPass:
         """log pi_old, entropy and V_old of every response token, micro-batch by micro-batch (B, T) each."""
-        shape = rollout.response_ids.shape
-        full = PolicyPass(torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device),
-                          torch.zeros(shape, device=self.device) if self.critic is not None else None)
-        for idx in self.micro_batches(len(rollout)):
-            part = self.forward(rollout.select(idx))
-            t = part.logprobs.shape[1]
-            for whole, piece in zip(full, part):
-                if whole is not None:
-                    whole[idx, :t] = piece.float()
-        return full
+        length = rollout.response_ids.shape[1]
+        parts = [self.forward(rollout.select(idx))
+                 for idx in torch.arange(len(rollout)).split(self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE)]
+        return PolicyPass(*(None if pieces[0] is None else torch.cat(
+            [nn.functional.pad(p.float(), (0, length - p.shape[1])) for p in pieces]) for pieces in zip(*parts)))
 
     def make_experience(self, prompts: List[str], schedule=None, timer: Optional[Timer] = None
                         ) -> Tuple[Experience, Optional[PolicyPass], Optional[tuple], Dict[str, torch.Tensor]]:
@@ -1767,10 +1776,12 @@ class PPOTrainer:
         """Steps 4-6 of the recipe on a scored rollout: (experience, first pass or None, metrics)."""
         cfg, mask, beta = self.cfg, rollout.response_mask, self.state.kl_coef
         ref_logprobs = self.reference_logprobs(rollout)                                  # 4. log pi_ref
-        reuse = schedule is not None and reuses_first_pass(schedule, len(rollout))
-        order = schedule[0][0][0] if reuse else None                   # the first micro-batch's row order
-        first_pass = self.forward(rollout.select(order)) if reuse else None
-        old = first_pass.detached_rows(torch.argsort(order)) if reuse else self.old_pass(rollout)   # 4. pi_old
+        if schedule is not None and reuses_first_pass(schedule, len(rollout)):         # 4. pi_old, V_old
+            order = schedule[0][0][0]                                  # the first micro-batch, in its order
+            first_pass = self.forward(rollout.select(order))
+            old = first_pass.detached_rows(torch.argsort(order))
+        else:
+            first_pass, old = None, self.old_pass(rollout)
         advantages, returns, kl = compute_advantages(scores, old.logprobs, ref_logprobs, old.values, mask,
                                                      beta, cfg, self.backend.mean_var)   # 5. rewards, 6. A
         experience = Experience(rollout.query_ids, rollout.query_mask, rollout.response_ids, mask,
@@ -1792,18 +1803,10 @@ class PPOTrainer:
         return experience, first_pass, metrics
 
     # -- the update --------------------------------------------------------------------------------
-    def learning_rates(self) -> Tuple[float, float]:
-        cfg = self.cfg
-        total = self.plan.optimizer_steps if self.plan else 0
-        schedule = (lr_factor(self.state.optimizer_steps, total, cfg.WARMUP_STEPS, cfg.LR_SCHEDULER_TYPE)
-                    if cfg.USE_LR_SCHEDULER else 1.0)
-        factor = schedule * self.state.lr_scale
-        return cfg.LEARNING_RATE * factor, cfg.CRITIC_LEARNING_RATE * factor
-
     def optimizer_step(self) -> Tuple[torch.Tensor, bool]:
         """Clip, then step at the scheduled learning rates, or skip a step with a NaN / inf gradient
         (weights, optimizer state and lr schedule untouched). Returns (gradient norms, stepped)."""
-        norms, stepped, note = self.backend.step(self.learning_rates())
+        norms, stepped, note = self.backend.step(learning_rates(self.state, self.plan, self.cfg))
         self.state.optimizer_steps += stepped
         if not stepped:
             logger.warning(f"step {self.state.global_step + 1}: {note}.")
@@ -1867,7 +1870,8 @@ class PPOTrainer:
             else:
                 logger.warning(f"step {self.state.global_step + 1}: NaN / inf in the scores or advantages "
                                "(reward model or compute_rewards); the update is skipped.")
-                metrics.update(self.skipped_update_metrics(schedule, experience))
+                metrics.update(skipped_update_metrics(optimizer_steps_per_update(schedule),
+                                                      experience.values is not None))
         metrics = self.backend.mean_metrics(metrics)
         self.commit_step(metrics, moments, len(experience) * self.backend.world)
         timer["step"] = time.perf_counter() - start
@@ -1877,14 +1881,6 @@ class PPOTrainer:
         metrics.update({f"lr/{name}": group["lr"] for name, group in zip(("policy", "critic"),
                                                                           self.optimizer.param_groups)})
         return metrics
-
-    def skipped_update_metrics(self, schedule, experience: Experience) -> Dict[str, torch.Tensor]:
-        """The update's keys for a step whose update did not run: NaN statistics, every optimizer step skipped."""
-        names = ("tokens", "pg_loss", "entropy", "pg_clipped", "approx_kl", "ratio") + (
-            ("vf_loss", "vf_clipped") if experience.values is not None else ())
-        nan = torch.tensor(math.nan, device=self.device)
-        norms = torch.full((1, len(self.optimizer.param_groups)), math.nan)
-        return update_metrics(dict.fromkeys(names, nan), norms, 0, optimizer_steps_per_update(schedule))
 
     def commit_step(self, metrics: Dict[str, float], moments: Optional[tuple], n_responses: int) -> None:
         """What a completed step changes in the run state besides the optimizer: reward moments, skip
