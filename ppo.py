@@ -486,21 +486,22 @@ def local_mean_var(x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, t
 
 
 def compute_advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef: float, cfg,
-                       mean_var=local_mean_var) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       mean_var=local_mean_var) -> Tuple[torch.Tensor, ...]:
     """Steps 5-6 of the rollout: r_t = -beta * KL_t plus the score at the last token, then advantages by
     ADVANTAGE_ESTIMATOR: GAE with the critic's values (B, T), or reinforce++ (GAE with V = 0, lambda = 1),
     both whitened over the valid tokens of every process (mean_var), or a group baseline (grpo, rloo).
-    Returns (advantages, returns, kl), each (B, T); returns are 0 for the group estimators."""
+    Returns (advantages, returns, kl, advantages before whitening), each (B, T); returns are 0 for the
+    group estimators."""
     kl = kl_penalty(logprobs, ref_logprobs, cfg.KL_ESTIMATOR)                                 # (B, T)
     rewards = shape_rewards(scores, kl, mask, kl_coef)                                       # (B, T)
     if cfg.ADVANTAGE_ESTIMATOR in ("gae", "reinforce++"):
         critic = cfg.ADVANTAGE_ESTIMATOR == "gae"
         values = values if critic else torch.zeros_like(rewards)
         advantages, returns = compute_gae(rewards, values, mask, cfg.GAMMA, cfg.LAM if critic else 1.0)
-        return masked_whiten(advantages, mask, *mean_var(advantages, mask)), returns, kl
+        return masked_whiten(advantages, mask, *mean_var(advantages, mask)), returns, kl, advantages
     sequence = group_advantages(masked_sum(rewards, mask, 1), cfg.GROUP_SIZE, cfg.ADVANTAGE_ESTIMATOR)
-    zero = torch.zeros((), device=rewards.device)
-    return torch.where(mask, sequence[:, None], zero), torch.zeros_like(rewards), kl
+    advantages = torch.where(mask, sequence[:, None], torch.zeros((), device=rewards.device))
+    return advantages, torch.zeros_like(rewards), kl, advantages
 
 
 def ppo_loss(logprobs, entropy, values, batch, cfg) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -1782,8 +1783,8 @@ class PPOTrainer:
             old = first_pass.detached_rows(torch.argsort(order))
         else:
             first_pass, old = None, self.old_pass(rollout)
-        advantages, returns, kl = compute_advantages(scores, old.logprobs, ref_logprobs, old.values, mask,
-                                                     beta, cfg, self.backend.mean_var)   # 5. rewards, 6. A
+        advantages, returns, kl, unwhitened = compute_advantages(
+            scores, old.logprobs, ref_logprobs, old.values, mask, beta, cfg, self.backend.mean_var)  # 5-6.
         experience = Experience(rollout.query_ids, rollout.query_mask, rollout.response_ids, mask,
                                 rollout.has_eos, scores, old.logprobs, ref_logprobs, old.values, advantages,
                                 returns)
@@ -1793,7 +1794,7 @@ class PPOTrainer:
                    "objective/entropy": masked_mean(old.entropy, mask),
                    "objective/non_score_reward": non_score_reward.mean(),
                    "objective/rlhf_reward": (scores + non_score_reward).mean(),
-                   "ppo/advantages_mean": masked_mean(advantages, mask),
+                   "ppo/advantages_mean": masked_mean(unwhitened, mask),
                    "response/length": mask.sum(1).float().mean(),
                    "response/eos_rate": rollout.has_eos.float().mean()}
         if old.values is not None:
@@ -2421,12 +2422,12 @@ def draw_series(ax, rows: List[dict], key: str) -> bool:
     return True
 
 
-def plot_metrics(history: List[dict], output_dir: Path) -> List[Path]:
+def plot_metrics(rows: List[dict], output_dir: Path) -> List[Path]:
     """training_metrics_detailed.png (every metric, a panel each) and ppo_metrics_with_entropy.png (PPO health)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in history if isinstance(r, dict) and "step" in r]
+    rows = [r for r in rows if isinstance(r, dict) and "step" in r]
     names = sorted({k for r in rows for k, v in r.items() if k not in ("step", "epoch") and isinstance(v, (int, float))},
                    key=lambda k: (not k.startswith(("eval/", "objective/")), k))
     layouts = (("training_metrics_detailed.png", [(k, (k,), "") for k in names]),

@@ -233,7 +233,7 @@ def bare_compute(trainer, prompts):
     micro = [tensors(idx) for idx in torch.arange(len(rollout)).split(chunk)]
     parts = {"score": lambda mb: trainer.reward_model(**mb).logits,
              "forward_policy": lambda mb: log_probs(trainer.policy, mb, keep, temp),
-             "forward_ref": lambda mb: log_probs(trainer.ref.policy, mb, keep, temp),
+             "forward_ref": lambda mb: log_probs(trainer.ref.model, mb, keep, temp),
              "forward_critic": lambda mb: ppo.head_outputs(trainer.critic, mb["ids"], mb["attn"])}
     for name, fn in parts.items():
         if name == "forward_critic" and trainer.critic is None:
@@ -255,7 +255,7 @@ def bare_compute(trainer, prompts):
         opt.step()
         opt.zero_grad(set_to_none=True)
     schedule = [[([tensors(idx) for idx in mbs], sum(rollout.response_mask[idx].sum() for idx in mbs)) for mbs in epoch]
-                for epoch in trainer.minibatch_schedule(len(rollout), trainer.state.global_step)]
+                for epoch in ppo.minibatch_schedule(len(rollout), trainer.state.global_step, cfg)]
     start = clock(dev)
     for epoch in schedule:
         for minibatch, n_tokens in epoch:
