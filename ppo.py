@@ -1225,8 +1225,9 @@ def eval_metric_in_use(cfg: Config) -> bool:
 
 
 def missing_eval_metric(cfg: Config, metrics: Dict[str, float]) -> Optional[ConfigError]:
-    """The error for an EARLY_STOPPING_METRIC that the evaluation does not produce, when something uses it."""
-    if cfg.EARLY_STOPPING_METRIC in metrics or not eval_metric_in_use(cfg):
+    """The error for an EARLY_STOPPING_METRIC that the evaluation does not produce (even while nothing uses
+    it: a name that is never there is a typo, better caught before it is switched on)."""
+    if cfg.EARLY_STOPPING_METRIC in metrics:
         return None
     return ConfigError(f"EARLY_STOPPING_METRIC = {cfg.EARLY_STOPPING_METRIC!r} is not an evaluation metric; "
                        f"available: {sorted(k for k in metrics if k.startswith('eval/'))}.")

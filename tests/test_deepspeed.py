@@ -101,17 +101,17 @@ sys.path.insert(0, {root!r})
 import ppo
 
 
-class NaNLoss(ppo.PPOTrainer):
+class NaNLoss(ppo.DeepSpeedBackend):
     calls = 0
 
-    def _backward(self, loss, last):        # optimizer step 3 (step 2's first) gets a NaN gradient on rank 1
+    def backward(self, loss, last):         # optimizer step 3 (step 2's first) gets a NaN gradient on rank 1
         NaNLoss.calls += 1
-        if NaNLoss.calls == 3 and self.accelerator.process_index == 1:
+        if NaNLoss.calls == 3 and self.rank == 1:
             loss = loss * float("nan")
-        super()._backward(loss, last)
+        super().backward(loss, last)
 
 
-ppo.PPOTrainer = NaNLoss
+ppo.DeepSpeedBackend = NaNLoss
 sys.exit(ppo.train_main())
 """
 

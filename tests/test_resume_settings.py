@@ -53,7 +53,8 @@ def resume(tiny, base, out, step, **overrides):
 
 def test_resume_applies_changed_kl_coef_and_early_stopping_metric(tiny, base, tmp_path):
     """Resumed with a new KL_COEF and ADAPTIVE_KL off, the state and the next step's objective/kl_coef use the
-    new value; with ADAPTIVE_KL on, the controller's saved coefficient continues and the log says so. A changed
+    new value; a controller switched on at resume starts at KL_COEF, and a running one keeps its coefficient
+    (the log says so). A changed
     EARLY_STOPPING_METRIC starts best_metric, best_step and both patience counters afresh; an unchanged one
     keeps them."""
     saved = saved_state(base, 2)
@@ -66,9 +67,15 @@ def test_resume_applies_changed_kl_coef_and_early_stopping_metric(tiny, base, tm
     step_3 = [row for row in read_rows(fixed.output_dir) if row["step"] == 3 and "objective/kl_coef" in row]
     assert len(step_3) == 1 and step_3[0]["objective/kl_coef"] == pytest.approx(0.2)
 
-    adaptive = resume(tiny, base, tmp_path / "adaptive", 2, KL_COEF=0.2, ADAPTIVE_KL=True)
-    assert adaptive.state.kl_coef == saved["kl_coef"]
-    assert "from the checkpoint continues" in log_text(adaptive.output_dir)
+    adaptive = resume(tiny, base, tmp_path / "adaptive", 2, KL_COEF=0.2, ADAPTIVE_KL=True, MAX_STEPS=3)
+    assert adaptive.state.kl_coef == 0.2, "a controller switched on at resume starts at KL_COEF"
+    adaptive.train()
+    moved = saved_state(adaptive.output_dir, 3)["kl_coef"]
+    assert moved != 0.2
+    again = ppo.PPOTrainer(resume_from_checkpoint=str(checkpoint(adaptive.output_dir, 3)),
+                           **settings(tiny, adaptive.output_dir, KL_COEF=0.3, ADAPTIVE_KL=True, MAX_STEPS=4))
+    assert again.state.kl_coef == moved, "the running controller's coefficient continues"
+    assert "from the checkpoint continues" in log_text(again.output_dir)
 
     changed = resume(tiny, base, tmp_path / "changed", 2, EARLY_STOPPING_METRIC="eval/accuracy")
     s = changed.state
@@ -83,8 +90,8 @@ def test_resume_applies_changed_kl_coef_and_early_stopping_metric(tiny, base, tm
 def test_missing_early_stopping_metric_fails_before_training(tiny, base, tmp_path, capsys):
     """With EARLY_STOPPING_PATIENCE > 0, a typo'd metric or eval/accuracy without a reference column is a
     ConfigError at the step-0 evaluation, before any PPO step, naming the metric and the available ones; exit
-    status 2 and one "Error:" line through train_main; EVAL_DATASETS = [] is an error before training; an
-    unused missing metric is none; a resumed run whose changed metric is missing fails at its first evaluation
+    status 2 and one "Error:" line through train_main; EVAL_DATASETS = [] is an error before training; so is
+    a missing metric nothing uses yet; a resumed run whose changed metric is missing fails at its first evaluation
     after saving that step's checkpoint."""
     no_reference = [{"path": tiny["eval_parquet"], "type": "parquet", "input": "question"}]
     for name, metric, extra in [("typo", "eval/rewrad", {}),
@@ -115,8 +122,9 @@ def test_missing_early_stopping_metric_fails_before_training(tiny, base, tmp_pat
     assert no_eval.state.global_step == 0
 
     unused = ppo.PPOTrainer(**settings(tiny, tmp_path / "unused", EARLY_STOPPING_METRIC="eval/rewrad", MAX_STEPS=1))
-    unused.train()
-    assert unused.state.global_step == 1 and [s for s, _ in ppo.list_checkpoints(unused.output_dir)] == [1]
+    with pytest.raises(ppo.ConfigError, match="eval/rewrad"):       # a typo even while nothing uses it yet
+        unused.train()
+    assert unused.state.global_step == 0
 
     resumed = resume(tiny, base, tmp_path / "resumed", 2, MAX_STEPS=3, EARLY_STOPPING_PATIENCE=1,
                      EARLY_STOPPING_METRIC="eval/rewrad")
