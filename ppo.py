@@ -6,8 +6,9 @@ ppo.py: PPO for RLHF of Hugging Face causal language models, in one file.
     python ppo.py --BATCH_SIZE=2 --USE_WANDB=true # override any constant of section 2
     python ppo.py my_run.json                     # or a JSON / YAML file of overrides
     python ppo.py --plot outputs/ppo_v1           # redraw the charts of a run
-    torchrun --nproc_per_node 4 ppo.py            # several GPUs (or: accelerate launch --num_processes 4 ppo.py)
-    accelerate launch --config_file configs/deepspeed_zero2.yaml ppo.py   # DeepSpeed ZeRO-2 (pip install deepspeed)
+    torchrun --nproc_per_node 4 ppo.py            # several GPUs
+    accelerate launch --num_processes 4 ppo.py    # the same through accelerate
+    accelerate launch --config_file configs/deepspeed_zero2.yaml ppo.py   # ZeRO-2 (pip install deepspeed)
     python -m pytest -q tests                     # the test suite
 
 Deliberate choices, where references differ:
@@ -70,25 +71,28 @@ logger = logging.getLogger("ppo")
 # ---------------------------------------------------------------------------------------------
 # Models: a hub id or a local path (a relative path is looked up in the working directory, then
 # next to this file).
-ACTOR_MODEL = "data/tiny-policy"    # policy pi_theta (AutoModelForCausalLM); also the frozen reference pi_ref
-CRITIC_MODEL = "data/tiny-reward"   # critic V_phi: a causal LM or a reward model (its score head starts the value head)
-REWARD_MODEL = "data/tiny-reward"   # AutoModelForSequenceClassification with num_labels=1, read with its own tokenizer
-TRUST_REMOTE_CODE = False           # run Python code shipped inside model repos; only for repos you trust
-USE_CHAT_TEMPLATE = True            # wrap prompts in the policy tokenizer's chat template when it has one
+ACTOR_MODEL = "data/tiny-policy"    # policy pi_theta (AutoModelForCausalLM); frozen copy = pi_ref
+CRITIC_MODEL = "data/tiny-reward"   # critic V_phi: causal LM or reward model (score head -> V head)
+REWARD_MODEL = "data/tiny-reward"   # AutoModelForSequenceClassification num_labels=1; own tokenizer
+TRUST_REMOTE_CODE = False           # run code shipped in model repos; only for repos you trust
+USE_CHAT_TEMPLATE = True            # wrap prompts in the policy tokenizer's chat template, if any
 
-# Data: lists of {"path", "type": "jsonl" | "parquet", "input": prompt column, "output": reference column (optional)}
-TRAIN_DATASETS = [{"path": "data/arithmetic_train.jsonl", "type": "jsonl", "input": "problem", "output": "solution"}]
-EVAL_DATASETS = [{"path": "data/arithmetic_eval.parquet", "type": "parquet", "input": "question", "output": "answer"}]
-MAX_TRAIN_SAMPLES = 0               # keep the first N training prompts (0 = all); the guide's debug scenario
+# Data: lists of {"path", "type": "jsonl" | "parquet", "input": prompt column,
+#                 "output": reference column (optional)}
+TRAIN_DATASETS = [{"path": "data/arithmetic_train.jsonl", "type": "jsonl", "input": "problem",
+                   "output": "solution"}]
+EVAL_DATASETS = [{"path": "data/arithmetic_eval.parquet", "type": "parquet", "input": "question",
+                  "output": "answer"}]
+MAX_TRAIN_SAMPLES = 0               # keep the first N train prompts (0 = all); guide's debug case
 MAX_EVAL_SAMPLES = 0                # keep the first N evaluation prompts (0 = all)
-MAX_PROMPT_LENGTH = 512             # prompt tokens; a longer prompt keeps its last MAX_PROMPT_LENGTH tokens
-MAX_NEW_TOKENS = 128                # response tokens per generation (generate_response's max_new_tokens)
+MAX_PROMPT_LENGTH = 512             # prompt tokens; a longer one keeps its last MAX_PROMPT_LENGTH
+MAX_NEW_TOKENS = 128                # response tokens per generation (max_new_tokens)
 OUTPUT_DIR = "outputs/ppo_v1"       # logs, metrics, checkpoints and charts of the run
 
 # Batches, per process. One PPO step = one rollout of
 # BATCH_SIZE * GRADIENT_ACCUMULATION_STEPS * NUM_MINI_BATCHES prompts, GROUP_SIZE responses each.
-BATCH_SIZE = 16                     # prompts per micro-batch (BATCH_SIZE * GROUP_SIZE sequences in memory at once)
-GRADIENT_ACCUMULATION_STEPS = 1     # micro-batches per optimizer step: effective batch = BATCH_SIZE * this
+BATCH_SIZE = 16                     # prompts per micro-batch (BATCH_SIZE * GROUP_SIZE seqs at once)
+GRADIENT_ACCUMULATION_STEPS = 1     # micro-batches per optimizer step: batch = BATCH_SIZE * this
 NUM_MINI_BATCHES = 1                # optimizer steps per PPO epoch over one rollout
 GROUP_SIZE = 2                      # responses sampled per prompt
 NUM_EPOCHES = 1                     # passes over the training prompts
@@ -97,12 +101,13 @@ MAX_STEPS = 0                       # stop after this many PPO steps (0 = no lim
 SEED = 42                           # data order, sampling, initialisation
 
 # Optimisation
-LEARNING_RATE = 3e-5                # policy lr for the tiny default; 0.5B-7B models: 1e-6 to 5e-6 (guide: 1e-6)
+LEARNING_RATE = 3e-5                # policy lr (tiny default); 0.5B-7B: 1e-6 to 5e-6 (guide: 1e-6)
 CRITIC_LEARNING_RATE = 1e-4         # critic lr; 0.5B-7B models: 5e-6 to 1e-5
 WEIGHT_DECAY = 0.0                  # AdamW decoupled weight decay, both models
-MAX_GRAD_NORM = 1.0                 # clip the gradient norm of each model at this (guide: 0.5 when unstable)
+MAX_GRAD_NORM = 1.0                 # clip each model's grad norm at this (guide: 0.5 if unstable)
 USE_LR_SCHEDULER = False            # off: constant learning rates
-LR_SCHEDULER_TYPE = "cosine"        # "cosine" | "linear" | "constant" (after warmup) | "plateau" (on EARLY_STOPPING_METRIC)
+LR_SCHEDULER_TYPE = "cosine"        # "cosine" | "linear" | "constant" (after warmup) | "plateau"
+                                    # (on EARLY_STOPPING_METRIC)
 WARMUP_STEPS = 0                    # optimizer steps of linear warmup (with USE_LR_SCHEDULER)
 PLATEAU_FACTOR = 0.5                # "plateau": multiply the learning rates by this ...
 PLATEAU_PATIENCE = 2                # ... after this many evaluations without improvement
@@ -114,51 +119,53 @@ CLIP_RANGE_VALUE = 0.2              # epsilon_v: V is clipped to V_old +- epsilo
 VALUE_LOSS_COEF = 0.5               # c1: loss += c1 * value loss (see deviation 6)
 ENTROPY_COEF = 0.01                 # c2: loss -= c2 * mean token entropy (0 for most large models)
 KL_COEF = 0.05                      # beta: r_t = -beta * KL_t (the start value when ADAPTIVE_KL)
-KL_ESTIMATOR = "k1"                 # "k1": logp - logp_ref (unbiased); "k3": exp(-d) - 1 + d, d = logp - logp_ref (>= 0)
-ADAPTIVE_KL = False                 # Ziegler et al.'s controller: move beta toward ADAPTIVE_KL_TARGET
+KL_ESTIMATOR = "k1"                 # "k1": d = logp - logp_ref, unbiased | "k3": e^-d - 1 + d, >= 0
+ADAPTIVE_KL = False                 # Ziegler et al.'s controller: beta moves to ADAPTIVE_KL_TARGET
 ADAPTIVE_KL_TARGET = 6.0            # target KL per response, nats
 ADAPTIVE_KL_HORIZON = 10000         # responses over which beta may change by ~20%
 GAMMA = 1.0                         # discount over response tokens
 LAM = 0.95                          # GAE lambda
-MISSING_EOS_PENALTY = 1.0           # subtracted from the score of a response that never emits EOS (0 = off)
+MISSING_EOS_PENALTY = 1.0           # subtracted from the score of a response with no EOS (0 = off)
 REWARD_NORMALIZATION = False        # scale scores by a running mean / std (kept in checkpoints)
 REWARD_CLIP = 0.0                   # clip (normalised) scores to +- this (0 = off)
-REFERENCE_REWARD = 0.0              # + this to the score when a response matches the dataset's output (0 = off)
-ANSWER_MATCH = "last_number"        # accuracy / reference-reward rule: "last_number" (math) | "exact" | "contains"
-STOP_TOKENS = []                    # token strings that end a response besides EOS, e.g. ["<|im_end|>"]
-TARGET_KL = 0.0                     # stop a rollout's remaining PPO epochs once approx KL(old, new) passes this (0 = off)
+REFERENCE_REWARD = 0.0              # + this to the score when the dataset output matches (0 = off)
+ANSWER_MATCH = "last_number"        # answer rule: "last_number" (math) | "exact" | "contains"
+STOP_TOKENS = []                    # tokens that end a response besides EOS, e.g. ["<|im_end|>"]
+TARGET_KL = 0.0                     # end a rollout's PPO epochs once approx KL > this (0 = off)
 MAX_CONSECUTIVE_SKIPS = 5           # steps in a row skipped for a NaN / inf before the run stops
 
 # Evaluation, checkpoints, early stopping
-EVAL_EVERY_N_STEPS = 10             # evaluate on EVAL_DATASETS every N PPO steps (0 = only at start and end)
+EVAL_EVERY_N_STEPS = 10             # evaluate every N PPO steps (0 = only at start and end)
 EVAL_GREEDY = True                  # greedy evaluation; False samples at TEMPERATURE
 NUM_SAMPLES_TO_LOG = 3              # prompt / response / reward examples logged per evaluation
-SAVE_EVERY_N_STEPS = 50             # write OUTPUT_DIR/checkpoints/step_N every N PPO steps, and at the end
-SAVE_TOTAL_LIMIT = 0                # keep the newest N checkpoints, plus the best one (0 = keep all)
-RESUME = "ask"                      # "ask" | "yes" (latest) | "no" | a checkpoint path; "ask" with no terminal = "yes"
+SAVE_EVERY_N_STEPS = 50             # write OUTPUT_DIR/checkpoints/step_N every N steps, and at end
+SAVE_TOTAL_LIMIT = 0                # keep the newest N checkpoints, plus the best (0 = keep all)
+RESUME = "ask"                      # "ask" ("yes" if no terminal) | "yes" (latest) | "no" | a path
 EARLY_STOPPING_PATIENCE = 0         # stop after N evaluations without improvement (0 = off)
 EARLY_STOPPING_METRIC = "eval/reward"  # higher is better; e.g. "eval/accuracy"
 EARLY_STOPPING_MIN_DELTA = 0.0      # smallest change that counts as an improvement
 
 # Logging
-USE_WANDB = False                   # also log to Weights & Biases (WANDB_MODE=offline works without an account)
+USE_WANDB = False                   # also log to Weights & Biases (WANDB_MODE=offline: no account)
 WANDB_PROJECT = "ppo-v1"
 WANDB_ENTITY = None                 # team or user; None = your default
 WANDB_RUN_NAME = None               # None = the name of OUTPUT_DIR
 
-# Memory and scale (several GPUs: `accelerate launch ppo.py` or `torchrun --nproc_per_node N ppo.py`)
-ADVANTAGE_ESTIMATOR = "gae"         # "gae" (critic) | "grpo" | "rloo" | "reinforce++": no critic, the GROUP_SIZE responses are the baseline
-USE_LORA = False                    # train LoRA adapters (peft) on the policy; the reference is the base model with adapters off
+# Memory and scale (several GPUs: `accelerate launch ppo.py` or
+# `torchrun --nproc_per_node N ppo.py`)
+ADVANTAGE_ESTIMATOR = "gae"         # "gae" (critic) | "grpo" | "rloo" | "reinforce++": no critic,
+                                    # the GROUP_SIZE responses are the baseline
+USE_LORA = False                    # train LoRA adapters (peft); reference = base with adapters off
 LORA_R = 16                         # adapter rank r
 LORA_ALPHA = 32                     # adapter scale alpha (the update is scaled by alpha / r)
-LORA_DROPOUT = 0.0                  # keep 0: dropout would make the PPO ratio differ from 1 before any update
-LORA_TARGET_MODULES = "all-linear"  # "all-linear", or comma-separated module names such as "q_proj,v_proj"
-GRADIENT_CHECKPOINTING = False      # recompute activations during backward: much less memory, ~30% slower update
-OFFLOAD_REF_AND_REWARD = False      # keep the reference and reward models in CPU memory except while they run
+LORA_DROPOUT = 0.0                  # keep 0: dropout makes the PPO ratio != 1 before any update
+LORA_TARGET_MODULES = "all-linear"  # "all-linear", or comma-separated module names: "q_proj,v_proj"
+GRADIENT_CHECKPOINTING = False      # recompute activations in backward: less memory, ~30% slower
+OFFLOAD_REF_AND_REWARD = False      # keep the reference and reward models on CPU while not running
 
 # Hardware
 DEVICE = "auto"                     # "auto": this process's GPU when there is one, else CPU | "cpu"
-MIXED_PRECISION = "auto"            # "auto": bf16 on GPUs that support it, else none | "bf16" | "fp16" | "no"
+MIXED_PRECISION = "auto"            # "auto" (bf16 if supported, else none) | "bf16" | "fp16" | "no"
 
 CONFIG_KEYS = tuple(name for name in list(globals()) if name.isupper())
 
@@ -192,7 +199,8 @@ class Config(dict):
 
 
 def default_config() -> Config:
-    """The constants of section 2 as they are now (a test or an edited file may have changed them)."""
+    """The constants of section 2 as they are now (a test or an edited file may have changed
+    them)."""
     return Config({name: copy.deepcopy(globals()[name]) for name in CONFIG_KEYS})
 
 
@@ -204,7 +212,8 @@ def first_line(error: BaseException) -> str:
 
 def unknown_name_error(name: str, where: str) -> ConfigError:
     close = difflib.get_close_matches(name.upper(), CONFIG_KEYS, n=1, cutoff=0.5)
-    hint = f" Did you mean {close[0]}?" if close else " The settings are the UPPER_CASE constants of ppo.py."
+    hint = (f" Did you mean {close[0]}?" if close
+            else " The settings are the UPPER_CASE constants of ppo.py.")
     return ConfigError(f"Unknown setting {name!r} in {where}.{hint}")
 
 
@@ -222,7 +231,8 @@ def coerce_setting(name: str, value, where: str):
 
 
 def parse_flag_value(text: str):
-    """`--NAME=value`: JSON (numbers, true/false/null, lists, objects), Python's True/False/None, else a string."""
+    """`--NAME=value`: JSON (numbers, true/false/null, lists, objects), Python's True/False/None,
+    else a string."""
     literal = {"True": True, "False": False, "None": None}
     if text in literal:
         return literal[text]
@@ -244,7 +254,8 @@ def read_config_file(path: str) -> dict:
         else:
             data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}, line {e.lineno}, column {e.colno}: invalid JSON ({e.msg}).") from None
+        raise ConfigError(f"{path}, line {e.lineno}, column {e.colno}: "
+                          f"invalid JSON ({e.msg}).") from None
     except Exception as e:  # yaml.YAMLError carries its own line and column in the message
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -252,7 +263,8 @@ def read_config_file(path: str) -> dict:
     return data
 
 
-def make_config(overrides: Optional[dict] = None, where: str = "PPOTrainer(...)", base=None) -> Config:
+def make_config(overrides: Optional[dict] = None, where: str = "PPOTrainer(...)",
+                base=None) -> Config:
     cfg = default_config() if base is None else Config(base)
     for name, value in (overrides or {}).items():
         if name not in CONFIG_KEYS:
@@ -280,30 +292,36 @@ def validate_config(cfg: Config) -> None:
     problems = []
     for name, choices in CHOICES.items():
         if cfg[name] not in choices:
-            problems.append(f"{name} = {cfg[name]!r} must be one of {', '.join(map(repr, choices))}.")
-    positive = ("BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "NUM_MINI_BATCHES", "GROUP_SIZE", "NUM_EPOCHES",
-                "GROUP_EPOCHES", "MAX_NEW_TOKENS", "MAX_PROMPT_LENGTH", "LEARNING_RATE", "CRITIC_LEARNING_RATE",
-                "TEMPERATURE", "CLIP_RANGE", "CLIP_RANGE_VALUE", "MAX_GRAD_NORM", "MAX_CONSECUTIVE_SKIPS")
+            problems.append(f"{name} = {cfg[name]!r} must be one of "
+                            f"{', '.join(map(repr, choices))}.")
+    positive = ("BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "NUM_MINI_BATCHES", "GROUP_SIZE",
+                "NUM_EPOCHES", "GROUP_EPOCHES", "MAX_NEW_TOKENS", "MAX_PROMPT_LENGTH",
+                "LEARNING_RATE", "CRITIC_LEARNING_RATE", "TEMPERATURE", "CLIP_RANGE",
+                "CLIP_RANGE_VALUE", "MAX_GRAD_NORM", "MAX_CONSECUTIVE_SKIPS")
     problems += [f"{n} = {cfg[n]!r} must be > 0." for n in positive if not cfg[n] > 0]
-    non_negative = ("MAX_STEPS", "MAX_TRAIN_SAMPLES", "MAX_EVAL_SAMPLES", "WEIGHT_DECAY", "WARMUP_STEPS",
-                    "VALUE_LOSS_COEF", "ENTROPY_COEF", "KL_COEF", "MISSING_EOS_PENALTY", "REWARD_CLIP",
-                    "TARGET_KL", "EVAL_EVERY_N_STEPS", "SAVE_EVERY_N_STEPS", "SAVE_TOTAL_LIMIT",
-                    "EARLY_STOPPING_PATIENCE", "NUM_SAMPLES_TO_LOG", "ADAPTIVE_KL_HORIZON")
+    non_negative = ("MAX_STEPS", "MAX_TRAIN_SAMPLES", "MAX_EVAL_SAMPLES", "WEIGHT_DECAY",
+                    "WARMUP_STEPS", "VALUE_LOSS_COEF", "ENTROPY_COEF", "KL_COEF",
+                    "MISSING_EOS_PENALTY", "REWARD_CLIP", "TARGET_KL", "EVAL_EVERY_N_STEPS",
+                    "SAVE_EVERY_N_STEPS", "SAVE_TOTAL_LIMIT", "EARLY_STOPPING_PATIENCE",
+                    "NUM_SAMPLES_TO_LOG", "ADAPTIVE_KL_HORIZON")
     problems += [f"{n} = {cfg[n]!r} must be >= 0." for n in non_negative if not cfg[n] >= 0]
-    problems += [f"{n} = {cfg[n]!r} must be in [0, 1]." for n in ("GAMMA", "LAM") if not 0 <= cfg[n] <= 1]
+    problems += [f"{n} = {cfg[n]!r} must be in [0, 1]." for n in ("GAMMA", "LAM")
+                 if not 0 <= cfg[n] <= 1]
     if not 0 < cfg.PLATEAU_FACTOR < 1:
         problems.append(f"PLATEAU_FACTOR = {cfg.PLATEAU_FACTOR!r} must be in (0, 1).")
     for name in ("TRAIN_DATASETS", "EVAL_DATASETS"):
         if not isinstance(cfg[name], list) or not all(isinstance(s, dict) for s in cfg[name]):
-            problems.append(f'{name} must be a list of {{"path", "type", "input", "output"}} objects.')
+            problems.append(f'{name} must be a list of '
+                            '{"path", "type", "input", "output"} objects.')
     if cfg.ADVANTAGE_ESTIMATOR in ("grpo", "rloo") and cfg.GROUP_SIZE < 2:
-        problems.append(f"ADVANTAGE_ESTIMATOR = {cfg.ADVANTAGE_ESTIMATOR!r} compares the responses to one prompt: "
-                        "set GROUP_SIZE >= 2 (4 to 16 is usual).")
+        problems.append(f"ADVANTAGE_ESTIMATOR = {cfg.ADVANTAGE_ESTIMATOR!r} compares the responses "
+                        "to one prompt: set GROUP_SIZE >= 2 (4 to 16 is usual).")
     if cfg.USE_LORA and cfg.LORA_R < 1:
         problems.append(f"LORA_R = {cfg.LORA_R} must be >= 1.")
     if not cfg.TRAIN_DATASETS:
         problems.append("TRAIN_DATASETS is empty: give at least one dataset of prompts.")
-    if not isinstance(cfg.STOP_TOKENS, list) or not all(isinstance(t, str) for t in cfg.STOP_TOKENS):
+    if (not isinstance(cfg.STOP_TOKENS, list) or
+            not all(isinstance(t, str) for t in cfg.STOP_TOKENS)):
         problems.append('STOP_TOKENS must be a list of token strings, e.g. ["<|im_end|>"].')
     if problems:
         raise ConfigError("Invalid settings:\n  " + "\n  ".join(problems))
@@ -358,7 +376,7 @@ class _LogprobsAndEntropy(torch.autograd.Function):
         entropy = torch.zeros_like(logprobs)
         for start in range(0, logits.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            z = scaled_logits(logits[rows], temperature)                            # (rows, V) float32
+            z = scaled_logits(logits[rows], temperature)                        # (rows, V) float32
             log_z = torch.logsumexp(z, dim=-1)
             logprobs[rows] = z.gather(1, tokens[rows, None]).squeeze(1) - log_z
             if with_entropy:
@@ -376,7 +394,8 @@ class _LogprobsAndEntropy(torch.autograd.Function):
             grad = scaled_logits(logits[rows], ctx.temperature)
             grad.sub_(torch.logsumexp(grad, dim=-1, keepdim=True))                 # log p, in place
             p = grad.exp()
-            g_lp = grad_logprobs[rows, None] if grad_logprobs is not None else torch.zeros_like(p[:, :1])
+            g_lp = (grad_logprobs[rows, None] if grad_logprobs is not None
+                    else torch.zeros_like(p[:, :1]))
             if grad_entropy is not None:                 # in place: -p * (g_lp + g_H * (log p + H))
                 grad.add_(entropy[rows, None]).mul_(grad_entropy[rows, None]).add_(g_lp)
             else:
@@ -397,18 +416,22 @@ def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
                          with_entropy: bool = True):
-    """logits (B, T, V) of any float dtype, tokens (B, T) -> (log pi(token) (B, T), entropy (B, T)), float32.
-    with_entropy=False skips the entropy (returned as zeros), e.g. for the reference model."""
+    """logits (B, T, V) of any float dtype, tokens (B, T) -> (log pi(token) (B, T), entropy (B, T)),
+    float32. with_entropy=False skips the entropy (returned as zeros), e.g. for the reference
+    model."""
     batch, length, vocab = logits.shape
     chunk_rows = max(1, (1 << 24) // vocab)       # 64 MB per float32 temporary; two alive at once
     logprobs, entropy = _LogprobsAndEntropy.apply(
-        logits.reshape(batch * length, vocab), tokens.reshape(-1), float(temperature), chunk_rows, with_entropy)
+        logits.reshape(batch * length, vocab), tokens.reshape(-1), float(temperature), chunk_rows,
+        with_entropy)
     return logprobs.view(batch, length), entropy.view(batch, length)
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimate from samples of pi.  http://joschu.net/blog/kl-approx.html
-    k1 = log(pi / pi_ref): unbiased, negative on some tokens;  k3 = (r - 1) - log r, r = pi_ref / pi: >= 0."""
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+               estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate from samples of pi. http://joschu.net/blog/kl-approx.html
+    k1 = log(pi / pi_ref): unbiased, negative on some tokens;
+    k3 = (r - 1) - log r, r = pi_ref / pi: >= 0."""
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
         return log_ratio
@@ -419,9 +442,10 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
 def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor,
                   kl_coef: float) -> torch.Tensor:
-    """r_t = -beta * KL_t on every response token, plus the score on the last real one (B,) -> (B, T)."""
+    """r_t = -beta * KL_t on every response token, plus the score on the last real one
+    (B,) -> (B, T)."""
     rewards = torch.where(response_mask, -kl_coef * kl, torch.zeros((), device=kl.device))
-    last = response_mask.sum(1) - 1                                   # (B,) index of the EOS / last token
+    last = response_mask.sum(1) - 1                             # (B,) index of the EOS / last token
     rows = torch.arange(len(scores), device=scores.device)
     rewards[rows, last] += scores.to(rewards.dtype)
     return rewards
@@ -429,8 +453,10 @@ def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.T
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor,
                 gamma: float, lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over response tokens, V = 0 after the last one (B, T) -> (B, T).
-    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1};  returns = A + V."""
+    """Generalised advantage estimation over response tokens, V = 0 after the last one
+    (B, T) -> (B, T).
+    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1};
+    returns = A + V."""
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     values = torch.where(response_mask, values, zero)
     rewards = torch.where(response_mask, rewards, zero)
@@ -446,10 +472,13 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torc
     return torch.where(response_mask, advantages, zero), torch.where(response_mask, returns, zero)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str, eps: float = 1e-6) -> torch.Tensor:
-    """Critic-free advantages of sequence rewards (B,), the GROUP_SIZE responses of a prompt in consecutive rows.
+def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Critic-free advantages of sequence rewards (B,), the GROUP_SIZE responses of a prompt in
+    consecutive rows.
     grpo: (R - mean of the group) / (std of the group + eps)    (Shao et al. 2024, arXiv 2402.03300)
-    rloo: R - mean of the other G - 1 rewards of the group      (Ahmadian et al. 2024, arXiv 2402.14740)"""
+    rloo: R - mean of the other G - 1 rewards of the group
+          (Ahmadian et al. 2024, arXiv 2402.14740)"""
     grouped = rewards.view(-1, group_size)                            # (prompts, G)
     if estimator == "grpo":
         centred = grouped - grouped.mean(1, keepdim=True)
@@ -469,15 +498,18 @@ def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_range: float):
 
 
 def clipped_value_loss(values, old_values, returns, clip_range_value: float):
-    """0.5 * max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2) per token -> (loss, clipped)."""
-    values_clipped = torch.clamp(values, old_values - clip_range_value, old_values + clip_range_value)
+    """0.5 * max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2) per token
+    -> (loss, clipped)."""
+    values_clipped = torch.clamp(values, old_values - clip_range_value,
+                                 old_values + clip_range_value)
     vf_loss1 = (values - returns) ** 2
     vf_loss2 = (values_clipped - returns) ** 2
     return 0.5 * torch.max(vf_loss1, vf_loss2), vf_loss2 > vf_loss1
 
 
 def explained_variance(values, returns, mask) -> torch.Tensor:
-    """1 - Var(R - V) / Var(R) over valid tokens: 1 is a perfect critic, <= 0 no better than a constant."""
+    """1 - Var(R - V) / Var(R) over valid tokens: 1 is a perfect critic, <= 0 no better than a
+    constant."""
     return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
 
 
@@ -487,28 +519,32 @@ def local_mean_var(x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, t
 
 def compute_advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef: float, cfg,
                        mean_var=local_mean_var) -> Tuple[torch.Tensor, ...]:
-    """Steps 5-6 of the rollout: r_t = -beta * KL_t plus the score at the last token, then advantages by
-    ADVANTAGE_ESTIMATOR: GAE with the critic's values (B, T), or reinforce++ (GAE with V = 0, lambda = 1),
-    both whitened over the valid tokens of every process (mean_var), or a group baseline (grpo, rloo).
-    Returns (advantages, returns, kl, advantages before whitening), each (B, T); returns are 0 for the
-    group estimators."""
-    kl = kl_penalty(logprobs, ref_logprobs, cfg.KL_ESTIMATOR)                                 # (B, T)
-    rewards = shape_rewards(scores, kl, mask, kl_coef)                                       # (B, T)
+    """Steps 5-6 of the rollout: r_t = -beta * KL_t plus the score at the last token, then
+    advantages by ADVANTAGE_ESTIMATOR: GAE with the critic's values (B, T), or reinforce++ (GAE with
+    V = 0, lambda = 1), both whitened over the valid tokens of every process (mean_var), or a group
+    baseline (grpo, rloo). Returns (advantages, returns, kl, advantages before whitening), each
+    (B, T); returns are 0 for the group estimators."""
+    kl = kl_penalty(logprobs, ref_logprobs, cfg.KL_ESTIMATOR)                           # (B, T)
+    rewards = shape_rewards(scores, kl, mask, kl_coef)                                 # (B, T)
     if cfg.ADVANTAGE_ESTIMATOR in ("gae", "reinforce++"):
         critic = cfg.ADVANTAGE_ESTIMATOR == "gae"
         values = values if critic else torch.zeros_like(rewards)
-        advantages, returns = compute_gae(rewards, values, mask, cfg.GAMMA, cfg.LAM if critic else 1.0)
+        advantages, returns = compute_gae(rewards, values, mask, cfg.GAMMA,
+                                          cfg.LAM if critic else 1.0)
         return masked_whiten(advantages, mask, *mean_var(advantages, mask)), returns, kl, advantages
-    sequence = group_advantages(masked_sum(rewards, mask, 1), cfg.GROUP_SIZE, cfg.ADVANTAGE_ESTIMATOR)
+    sequence = group_advantages(masked_sum(rewards, mask, 1), cfg.GROUP_SIZE,
+                                cfg.ADVANTAGE_ESTIMATOR)
     advantages = torch.where(mask, sequence[:, None], torch.zeros((), device=rewards.device))
     return advantages, torch.zeros_like(rewards), kl, advantages
 
 
 def ppo_loss(logprobs, entropy, values, batch, cfg) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """One micro-batch's loss as a token sum (the caller divides by the minibatch's token count):
-    sum(pg_loss) - c2 * sum(H) + c1 * sum(vf_loss); and the token sums of its statistics, by name."""
+    sum(pg_loss) - c2 * sum(H) + c1 * sum(vf_loss); and the token sums of its statistics, by
+    name."""
     mask = batch.response_mask
-    pg_loss, pg_clipped = clipped_policy_loss(logprobs, batch.old_logprobs, batch.advantages, cfg.CLIP_RANGE)
+    pg_loss, pg_clipped = clipped_policy_loss(logprobs, batch.old_logprobs, batch.advantages,
+                                              cfg.CLIP_RANGE)
     loss = masked_sum(pg_loss, mask) - cfg.ENTROPY_COEF * masked_sum(entropy, mask)
     log_ratio = (logprobs - batch.old_logprobs).detach()
     sums = {"tokens": mask.sum().float(),
@@ -518,7 +554,8 @@ def ppo_loss(logprobs, entropy, values, batch, cfg) -> Tuple[torch.Tensor, Dict[
             "approx_kl": masked_sum(torch.expm1(log_ratio) - log_ratio, mask),
             "ratio": masked_sum(log_ratio.exp(), mask)}
     if values is not None:
-        vf_loss, vf_clipped = clipped_value_loss(values, batch.values, batch.returns, cfg.CLIP_RANGE_VALUE)
+        vf_loss, vf_clipped = clipped_value_loss(values, batch.values, batch.returns,
+                                                 cfg.CLIP_RANGE_VALUE)
         loss = loss + cfg.VALUE_LOSS_COEF * masked_sum(vf_loss, mask)
         sums["vf_loss"] = masked_sum(vf_loss.detach(), mask)
         sums["vf_clipped"] = masked_sum(vf_clipped.float(), mask)
@@ -526,15 +563,18 @@ def ppo_loss(logprobs, entropy, values, batch, cfg) -> Tuple[torch.Tensor, Dict[
 
 
 def skipped_update_metrics(optimizer_steps: int, with_critic: bool) -> Dict[str, torch.Tensor]:
-    """update_metrics' keys for a step whose update did not run: NaN statistics, every optimizer step skipped."""
+    """update_metrics' keys for a step whose update did not run: NaN statistics, every optimizer
+    step skipped."""
     names = ("tokens", "pg_loss", "entropy", "pg_clipped", "approx_kl", "ratio") + (
         ("vf_loss", "vf_clipped") if with_critic else ())
     nan = torch.tensor(math.nan)
-    return update_metrics(dict.fromkeys(names, nan), torch.full((1, 2), math.nan), 0, optimizer_steps)
+    return update_metrics(dict.fromkeys(names, nan), torch.full((1, 2), math.nan), 0,
+                          optimizer_steps)
 
 
 def learning_rates(state, plan, cfg) -> Tuple[float, float]:
-    """Policy and critic learning rates at the state's optimizer step: schedule x plateau scale x base."""
+    """Policy and critic learning rates at the state's optimizer step: schedule x plateau scale
+    x base."""
     total = plan.optimizer_steps if plan else 0
     schedule = (lr_factor(state.optimizer_steps, total, cfg.WARMUP_STEPS, cfg.LR_SCHEDULER_TYPE)
                 if cfg.USE_LR_SCHEDULER else 1.0)
@@ -545,7 +585,8 @@ def learning_rates(state, plan, cfg) -> Tuple[float, float]:
 def update_metrics(sums: Dict[str, torch.Tensor], norms: torch.Tensor, epochs: int,
                    skipped: int) -> Dict[str, torch.Tensor]:
     """The update's log rows from ppo_loss's sums over the whole update and the gradient norms
-    (optimizer steps, models); NaN sums and norms give the same keys for a step whose update was skipped."""
+    (optimizer steps, models); NaN sums and norms give the same keys for a step whose update was
+    skipped."""
     per_token = {name: value / sums["tokens"].clamp(min=1) for name, value in sums.items()}
     metrics = {"ppo/loss/policy": per_token["pg_loss"],
                "ppo/policy/entropy": per_token["entropy"],
@@ -563,7 +604,8 @@ def update_metrics(sums: Dict[str, torch.Tensor], norms: torch.Tensor, epochs: i
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
-    """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then the schedule."""
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then the
+    schedule."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -571,18 +613,21 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> floa
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if kind == "linear":
         return 1.0 - progress
-    return 1.0                                         # "constant", and "plateau" (scaled on evaluation)
+    return 1.0                                 # "constant", and "plateau" (scaled on evaluation)
 
 
-def adaptive_kl_coef(kl_coef: float, current_kl: float, n_responses: int, target: float, horizon: int) -> float:
-    """beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)   (Ziegler et al. 2019, section 2.2)."""
+def adaptive_kl_coef(kl_coef: float, current_kl: float, n_responses: int, target: float,
+                     horizon: int) -> float:
+    """beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)
+    (Ziegler et al. 2019, section 2.2)."""
     proportional_error = min(max(current_kl / target - 1, -0.2), 0.2)
     return kl_coef * (1 + proportional_error * n_responses / horizon)
 
 
 def merge_moments(mean: float, var: float, count: int, batch_mean: float, batch_var: float,
                   batch_count: int) -> Tuple[float, float, int]:
-    """Running mean and (population) variance after adding a batch (Chan et al.'s parallel update)."""
+    """Running mean and (population) variance after adding a batch (Chan et al.'s parallel
+    update)."""
     total = count + batch_count
     delta = batch_mean - mean
     m2 = var * count + batch_var * batch_count + delta ** 2 * count * batch_count / total
@@ -598,8 +643,9 @@ def last_number(text: str) -> Optional[float]:
 
 
 def answer_matches(response: str, reference: str, rule: str) -> bool:
-    """The accuracy / reference-reward rule. "last_number": the last numbers agree (GSM8K's "#### 72"
-    and "... the answer is 72." match); "exact": equal up to whitespace; "contains": reference in response."""
+    """The accuracy / reference-reward rule. "last_number": the last numbers agree (GSM8K's
+    "#### 72" and "... the answer is 72." match); "exact": equal up to whitespace; "contains":
+    reference in response."""
     if rule == "last_number":
         got = last_number(response)
         return got is not None and got == last_number(reference)
@@ -614,7 +660,8 @@ def answer_matches(response: str, reference: str, rule: str) -> bool:
 # 5. Data: prompt datasets in the guide's format, read with the `datasets` library
 # ---------------------------------------------------------------------------------------------
 def resolve_path(path: str) -> str:
-    """A relative path is looked up in the working directory, then next to ppo.py; else kept (a hub id)."""
+    """A relative path is looked up in the working directory, then next to ppo.py; else kept (a hub
+    id)."""
     candidate = Path(path).expanduser()
     if candidate.is_absolute() or candidate.exists():
         return str(candidate)
@@ -634,8 +681,8 @@ def jsonl_line_of_row(path: str, row: int) -> int:
 
 
 def read_jsonl_rows(path: str, where: str) -> List[dict]:
-    """JSONL read line by line: the fallback when `datasets` cannot read a file, and the way to say exactly
-    which line is wrong (1-based line and column)."""
+    """JSONL read line by line: the fallback when `datasets` cannot read a file, and the way to say
+    exactly which line is wrong (1-based line and column)."""
     rows = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
@@ -644,8 +691,8 @@ def read_jsonl_rows(path: str, where: str) -> List[dict]:
             try:
                 row = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: {path}, line {number}, column {e.colno}: invalid JSON ({e.msg}). "
-                                  "Each line must be one JSON object.") from None
+                raise ConfigError(f"{where}: {path}, line {number}, column {e.colno}: invalid JSON "
+                                  f"({e.msg}). Each line must be one JSON object.") from None
             if not isinstance(row, dict):
                 raise ConfigError(f'{where}: {path}, line {number}: expected a JSON object like '
                                   f'{{"problem": ..., "solution": ...}}, got {type(row).__name__}.')
@@ -654,42 +701,52 @@ def read_jsonl_rows(path: str, where: str) -> List[dict]:
 
 
 def read_dataset(spec: dict, where: str) -> Tuple[str, Dict[str, list]]:
-    """One {"path", "type", "input", "output"} entry -> (resolved path, {column: values}) for the columns the
-    spec names, read with `datasets` (JSONL it cannot read is read line by line, to point at the bad line)."""
+    """One {"path", "type", "input", "output"} entry -> (resolved path, {column: values}) for the
+    columns the spec names, read with `datasets` (JSONL it cannot read is read line by line, to
+    point at the bad line)."""
     import datasets
     if not isinstance(spec, dict) or not {"path", "type", "input"} <= set(spec):
-        raise ConfigError(f'{where} must be like {{"path": "data.jsonl", "type": "jsonl", "input": "problem", '
-                          f'"output": "solution"}} ("output" optional); got {spec!r}.')
+        raise ConfigError(f'{where} must be like {{"path": "data.jsonl", "type": "jsonl", '
+                          f'"input": "problem", "output": "solution"}} ("output" optional); '
+                          f'got {spec!r}.')
     extra = set(spec) - {"path", "type", "input", "output"}
     if extra:
-        raise ConfigError(f"{where} has unknown key(s) {sorted(extra)}; allowed: path, type, input, output.")
+        raise ConfigError(f"{where} has unknown key(s) {sorted(extra)}; "
+                          "allowed: path, type, input, output.")
     path, kind = resolve_path(str(spec["path"])), spec["type"]
     if kind not in ("jsonl", "parquet"):
         raise ConfigError(f'{where}: type {kind!r} is not supported; use "jsonl" or "parquet".')
     if not Path(path).is_file():
-        raise ConfigError(f"{where}: dataset file {spec['path']} not found (working directory: {os.getcwd()}).")
+        raise ConfigError(f"{where}: dataset file {spec['path']} not found "
+                          f"(working directory: {os.getcwd()}).")
     datasets.disable_progress_bars()
     verbosity = datasets.logging.get_verbosity()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)     # a bad file gets our message, not theirs too
+    # a bad file gets our message, not theirs too
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
-        dataset = (datasets.Dataset.from_json if kind == "jsonl" else datasets.Dataset.from_parquet)(path)
+        dataset = (datasets.Dataset.from_json if kind == "jsonl"
+                   else datasets.Dataset.from_parquet)(path)
         names, column = dataset.column_names, dataset.__getitem__
     except Exception as e:
         if kind == "parquet":
             if parquet_rows(path) == 0:
                 raise ConfigError(f"{where}: {path} has no usable rows.") from None
-            raise ConfigError(f"{where}: {path} is not a readable Parquet file ({first_line(e)}).") from None
+            raise ConfigError(f"{where}: {path} is not a readable Parquet file "
+                              f"({first_line(e)}).") from None
         rows = read_jsonl_rows(path, where)
         if not rows:
-            raise ConfigError(f"{where}: {path} {'is empty' if not os.path.getsize(path) else 'has only blank lines'}"
-                              "; it has no usable rows.") from None
+            raise ConfigError(
+                f"{where}: {path} "
+                f"{'is empty' if not os.path.getsize(path) else 'has only blank lines'}"
+                "; it has no usable rows.") from None
         names = list(dict.fromkeys(k for row in rows for k in row))
         column = lambda name: [row.get(name) for row in rows]  # noqa: E731
     finally:
         datasets.logging.set_verbosity(verbosity)
     for role in ("input", "output"):
         if spec.get(role) is not None and spec[role] not in names:
-            raise ConfigError(f"{where}: column {spec[role]!r} (\"{role}\") is not in {path}; its columns are {names}.")
+            raise ConfigError(f"{where}: column {spec[role]!r} (\"{role}\") is not in {path}; "
+                              f"its columns are {names}.")
     return path, {spec[r]: column(spec[r]) for r in ("input", "output") if spec.get(r) is not None}
 
 
@@ -702,7 +759,8 @@ def parquet_rows(path: str) -> Optional[int]:
 
 
 def load_prompts(specs: List[dict], limit: int, name: str) -> Tuple[List[str], Dict[str, str]]:
-    """All datasets of TRAIN_DATASETS or EVAL_DATASETS, concatenated: (prompts, {prompt: reference})."""
+    """All datasets of TRAIN_DATASETS or EVAL_DATASETS, concatenated: (prompts, {prompt:
+    reference})."""
     prompts, references = [], {}
     for i, spec in enumerate(specs):
         where = f"{name}[{i}]"
@@ -713,9 +771,10 @@ def load_prompts(specs: List[dict], limit: int, name: str) -> Tuple[List[str], D
             raise ConfigError(f"{where}: {path} has no usable rows.")
         for row, (prompt, reference) in enumerate(zip(inputs, outputs)):
             if not isinstance(prompt, str) or not prompt.strip():
-                place = f"line {jsonl_line_of_row(path, row)}" if spec["type"] == "jsonl" else f"row {row + 1}"
-                raise ConfigError(f"{where}: {path}, {place}: the prompt column {spec['input']!r} holds "
-                                  f"{prompt!r}; every prompt must be a non-empty string.")
+                place = (f"line {jsonl_line_of_row(path, row)}" if spec["type"] == "jsonl"
+                         else f"row {row + 1}")
+                raise ConfigError(f"{where}: {path}, {place}: the prompt column {spec['input']!r} "
+                                  f"holds {prompt!r}; every prompt must be a non-empty string.")
             prompts.append(prompt)
             if reference is not None:
                 references.setdefault(prompt, str(reference))
@@ -730,13 +789,15 @@ def model_error(name: str, path: str, problem: str) -> ConfigError:
 
 
 def load_model_config(name: str, path: str, cfg: Config):
-    """(resolved path, config), with an error that names the constant when there is no model there."""
+    """(resolved path, config), with an error that names the constant when there is no model
+    there."""
     from transformers import AutoConfig
     resolved = resolve_path(path)
     try:
         config = AutoConfig.from_pretrained(resolved, trust_remote_code=cfg.TRUST_REMOTE_CODE)
     except (OSError, ValueError) as e:
-        if not Path(resolved).exists() and (resolved.startswith((".", "/", "~")) or resolved.count("/") > 1):
+        if not Path(resolved).exists() and (resolved.startswith((".", "/", "~")) or
+                                            resolved.count("/") > 1):
             raise model_error(name, path, "no such folder.") from None
         raise model_error(name, path, f"cannot load a model config from it ({first_line(e)}). "
                           "Give a local folder made by save_pretrained, or a Hugging Face hub id "
@@ -745,8 +806,8 @@ def load_model_config(name: str, path: str, cfg: Config):
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """Dropout off in every layer, so the PPO ratio is exactly 1 before the first update. The modules are
-    changed, not the config, so a saved checkpoint keeps the user's dropout settings."""
+    """Dropout off in every layer, so the PPO ratio is exactly 1 before the first update. The
+    modules are changed, not the config, so a saved checkpoint keeps the user's dropout settings."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -757,19 +818,21 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
 
 def check_model_kind(name: str, path: str, config, kind: str) -> None:
-    """kind "causal": a generative model; "reward": a sequence classifier with one label; "critic": either."""
+    """kind "causal": a generative model; "reward": a sequence classifier with one label; "critic":
+    either."""
     architectures = getattr(config, "architectures", None) or []
     if kind == "causal" and architectures and not any(
-            a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures):
+            a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+            for a in architectures):
         raise model_error(name, path, f"is a {architectures[0]}, not a causal language model "
                           "(AutoModelForCausalLM). Point it at a generative model.")
     if kind == "reward" and not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise model_error(name, path, f"is a {architectures[0] if architectures else 'model'} without a "
-                          "sequence-classification head; the reward model must load with "
+        raise model_error(name, path, f"is a {architectures[0] if architectures else 'model'} "
+                          "without a sequence-classification head; the reward model must load with "
                           "AutoModelForSequenceClassification (num_labels=1).")
     if kind == "reward" and config.num_labels != 1:
-        raise model_error(name, path, f"has num_labels = {config.num_labels}; a reward model gives one "
-                          "score per sequence (num_labels=1).")
+        raise model_error(name, path, f"has num_labels = {config.num_labels}; a reward model gives "
+                          "one score per sequence (num_labels=1).")
 
 
 def load_causal_lm(name: str, path: str, cfg: Config, dtype: torch.dtype):
@@ -781,17 +844,19 @@ def load_causal_lm(name: str, path: str, cfg: Config, dtype: torch.dtype):
     return disable_dropout(model)
 
 
-def load_sequence_classifier(name: str, path: str, cfg: Config, dtype: torch.dtype, is_reward: bool):
-    """The reward model, or the critic (from a reward model or a causal LM: its `score` head is the value head)."""
+def load_sequence_classifier(name: str, path: str, cfg: Config, dtype: torch.dtype,
+                             is_reward: bool):
+    """The reward model, or the critic (from a reward model or a causal LM: its `score` head is the
+    value head)."""
     from transformers import AutoModelForSequenceClassification
     resolved, config = load_model_config(name, path, cfg)
     check_model_kind(name, path, config, "reward" if is_reward else "critic")
     config.num_labels = 1
-    model = AutoModelForSequenceClassification.from_pretrained(resolved, config=config, dtype=dtype,
-                                                               trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolved, config=config, dtype=dtype, trust_remote_code=cfg.TRUST_REMOTE_CODE)
     if not is_reward and not isinstance(getattr(model, "score", None), nn.Linear):
-        raise model_error(name, path, f"{type(model).__name__} has no `score` head; the critic must be a "
-                          "decoder-only model (Llama, Qwen2, Mistral, GPT-2, ...).")
+        raise model_error(name, path, f"{type(model).__name__} has no `score` head; the critic "
+                          "must be a decoder-only model (Llama, Qwen2, Mistral, GPT-2, ...).")
     return disable_dropout(model)
 
 
@@ -801,8 +866,8 @@ def load_tokenizer(name: str, path: str, cfg: Config):
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=cfg.TRUST_REMOTE_CODE)
     except (OSError, ValueError, TypeError) as e:
-        raise model_error(name, path, f"has no usable tokenizer ({first_line(e)}); save one next to the "
-                          "model with tokenizer.save_pretrained(folder).") from None
+        raise model_error(name, path, f"has no usable tokenizer ({first_line(e)}); save one next "
+                          "to the model with tokenizer.save_pretrained(folder).") from None
     if tokenizer.pad_token is None:
         distinct = tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token
         tokenizer.pad_token = tokenizer.unk_token if distinct else tokenizer.eos_token
@@ -812,12 +877,13 @@ def load_tokenizer(name: str, path: str, cfg: Config):
 
 
 def vocab_size(config) -> Optional[int]:
-    return getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+    return getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                   "vocab_size", None)
 
 
 def stop_token_ids(tokenizer, path: str, config, stop_tokens: List[str]) -> torch.Tensor:
-    """EOS of the tokenizer and of the policy's generation_config (chat models end turns with their own
-    token), plus STOP_TOKENS: a response ends at the first of them."""
+    """EOS of the tokenizer and of the policy's generation_config (chat models end turns with their
+    own token), plus STOP_TOKENS: a response ends at the first of them."""
     from transformers import GenerationConfig
     try:
         generation = GenerationConfig.from_pretrained(path)
@@ -828,34 +894,41 @@ def stop_token_ids(tokenizer, path: str, config, stop_tokens: List[str]) -> torc
     for token in stop_tokens:
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == tokenizer.unk_token_id:
-            raise ConfigError(f"STOP_TOKENS: {token!r} is not a single token of the policy's tokenizer.")
+            raise ConfigError(f"STOP_TOKENS: {token!r} is not a single token of the policy's "
+                              "tokenizer.")
         ids.add(token_id)
     ids.discard(None)
     if not ids:
-        raise ConfigError("The policy's tokenizer has no EOS token: add one, or list an end token in STOP_TOKENS.")
+        raise ConfigError("The policy's tokenizer has no EOS token: add one, or list an end token "
+                          "in STOP_TOKENS.")
     return torch.tensor(sorted(ids))
 
 
 def base_model(model: nn.Module) -> nn.Module:
-    """The transformer under a task head (`model.model` for Llama, `model.transformer` for GPT-2)."""
+    """The transformer under a task head (`model.model` for Llama, `model.transformer` for
+    GPT-2)."""
     return getattr(model, model.base_model_prefix)
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Positions count real tokens only, so left padding never shifts them: cumsum(mask) - 1, clamped."""
+    """Positions count real tokens only, so left padding never shifts them: cumsum(mask) - 1,
+    clamped."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def head_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def head_outputs(model: nn.Module, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> torch.Tensor:
     """The scalar `score` head on every position of a backbone: (B, L) float32."""
     hidden = base_model(model)(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     return model.score(hidden.last_hidden_state).squeeze(-1).float()
 
 
-def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The reward model's score at each sequence's last real token, whatever the padding side: (B,)."""
-    if not isinstance(getattr(model, "score", None), nn.Linear):      # encoder models pool their own way
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward model's score at each sequence's last real token, whatever the padding side:
+    (B,)."""
+    if not isinstance(getattr(model, "score", None), nn.Linear):      # encoders pool their own way
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     last = (positions * attention_mask.long()).argmax(-1)            # (B,)
@@ -863,13 +936,15 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 
 def supports_logits_to_keep(model: nn.Module) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model       # under a peft wrapper
+    # under a peft wrapper
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def enable_checkpointing(model: nn.Module) -> None:
-    """Activation (gradient) checkpointing, non-reentrant so frozen inputs and LoRA need no extra hooks."""
-    enable = getattr(model, "activation_checkpointing_enable", None)     # its name since transformers 5.x
+    """Activation (gradient) checkpointing, non-reentrant so frozen inputs and LoRA need no extra
+    hooks."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # name since transformers 5.x
     if enable is not None:
         enable({"use_reentrant": False})
     else:
@@ -882,8 +957,10 @@ def apply_lora(policy: nn.Module, cfg: Config, adapter: Optional[str] = None) ->
     if adapter:
         return PeftModel.from_pretrained(policy, adapter, is_trainable=True)
     targets = cfg.LORA_TARGET_MODULES
-    targets = targets if targets == "all-linear" else [name.strip() for name in targets.split(",") if name.strip()]
-    return get_peft_model(policy, LoraConfig(r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
+    targets = (targets if targets == "all-linear"
+               else [name.strip() for name in targets.split(",") if name.strip()])
+    return get_peft_model(policy, LoraConfig(r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA,
+                                             lora_dropout=cfg.LORA_DROPOUT,
                                              target_modules=targets, task_type="CAUSAL_LM"))
 
 
@@ -898,7 +975,8 @@ def response_logits(model: nn.Module, keep_logits: bool, input_ids, attention_ma
 
 
 class PolicyAndCritic(nn.Module):
-    """Both trained models in one module, so DDP / DeepSpeed wrap (and synchronise) them together."""
+    """Both trained models in one module, so DDP / DeepSpeed wrap (and synchronise) them
+    together."""
 
     def __init__(self, policy: nn.Module, critic: Optional[nn.Module]):
         super().__init__()
@@ -906,17 +984,20 @@ class PolicyAndCritic(nn.Module):
         self.keep_logits = supports_logits_to_keep(policy)
 
     def forward(self, input_ids, attention_mask, response_length: int):
-        """(B, P + T) sequences -> logits predicting each response token (B, T, V), values V_t (B, T)."""
-        logits = response_logits(self.policy, self.keep_logits, input_ids, attention_mask, response_length)
+        """(B, P + T) sequences -> logits predicting each response token (B, T, V), values V_t
+        (B, T)."""
+        logits = response_logits(self.policy, self.keep_logits, input_ids, attention_mask,
+                                 response_length)
         values = None
         if self.critic is not None:
-            values = head_outputs(self.critic, input_ids, attention_mask)[:, -response_length - 1:-1]
+            values = head_outputs(self.critic, input_ids,
+                                  attention_mask)[:, -response_length - 1:-1]
         return logits, values
 
 
 class Reference(nn.Module):
-    """The frozen reference pi_ref: a copy of ACTOR_MODEL, or under LoRA the policy with its adapters off
-    (no second copy of the weights)."""
+    """The frozen reference pi_ref: a copy of ACTOR_MODEL, or under LoRA the policy with its
+    adapters off (no second copy of the weights)."""
 
     def __init__(self, model: nn.Module, adapters_off: bool):
         super().__init__()
@@ -925,17 +1006,18 @@ class Reference(nn.Module):
 
     def forward(self, input_ids, attention_mask, response_length: int) -> torch.Tensor:
         with self.model.disable_adapter() if self.adapters_off else contextlib.nullcontext():
-            return response_logits(self.model, self.keep_logits, input_ids, attention_mask, response_length)
+            return response_logits(self.model, self.keep_logits, input_ids, attention_mask,
+                                   response_length)
 
 
 @dataclasses.dataclass
 class Models:
-    """What load_models builds: tokenizers, stop tokens, the prepared trained models and their optimizer,
-    and the frozen reference and reward models."""
+    """What load_models builds: tokenizers, stop tokens, the prepared trained models and their
+    optimizer, and the frozen reference and reward models."""
     tokenizer: object
     reward_tokenizer: object
     stop_ids: torch.Tensor
-    model: nn.Module                       # PolicyAndCritic, wrapped by the backend (DDP / DeepSpeed)
+    model: nn.Module                     # PolicyAndCritic, wrapped by the backend (DDP / DeepSpeed)
     optimizer: object
     ref: Reference
     reward_model: nn.Module
@@ -956,17 +1038,21 @@ def load_tokenizers(cfg: Config):
         _, critic_config = load_model_config("CRITIC_MODEL", cfg.CRITIC_MODEL, cfg)
         critic_vocab = vocab_size(critic_config)
         if critic_vocab is not None and critic_vocab < len(tokenizer):
-            raise model_error("CRITIC_MODEL", cfg.CRITIC_MODEL, f"has a vocabulary of {critic_vocab} tokens, "
-                              f"fewer than the policy's {len(tokenizer)}: the critic reads the policy's "
-                              "tokens, so start it from a model with the policy's tokenizer.")
+            raise model_error("CRITIC_MODEL", cfg.CRITIC_MODEL,
+                              f"has a vocabulary of {critic_vocab} tokens, "
+                              f"fewer than the policy's {len(tokenizer)}: the critic reads the "
+                              "policy's tokens, so start it from a model with the policy's "
+                              "tokenizer.")
     return tokenizer, reward_tokenizer, stop_ids
 
 
 def load_models(cfg: Config, backend: "Backend", checkpoint: Optional[Path]) -> Models:
-    """Policy and critic (trained, float32 master weights, from the checkpoint when resuming), reference and
-    reward model (frozen, in the mixed-precision dtype), one AdamW over both trained models, prepared."""
+    """Policy and critic (trained, float32 master weights, from the checkpoint when resuming),
+    reference and reward model (frozen, in the mixed-precision dtype), one AdamW over both trained
+    models, prepared."""
     tokenizer, reward_tokenizer, stop_ids = load_tokenizers(cfg)
-    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(backend.mixed_precision, torch.float32)
+    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(backend.mixed_precision,
+                                                                       torch.float32)
     if cfg.USE_LORA:
         policy = apply_lora(load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, frozen_dtype), cfg,
                             adapter=str(checkpoint / "policy_adapter") if checkpoint else None)
@@ -979,23 +1065,26 @@ def load_models(cfg: Config, backend: "Backend", checkpoint: Optional[Path]) -> 
     critic = None
     if cfg.ADVANTAGE_ESTIMATOR == "gae":
         start = str(checkpoint / "critic") if checkpoint else cfg.CRITIC_MODEL
-        critic = load_sequence_classifier("CRITIC_MODEL", start, cfg, torch.float32, is_reward=False)
+        critic = load_sequence_classifier("CRITIC_MODEL", start, cfg, torch.float32,
+                                          is_reward=False)
     for model in (policy, critic):
         if model is not None and cfg.GRADIENT_CHECKPOINTING:
             enable_checkpointing(model)
-    reward = load_sequence_classifier("REWARD_MODEL", cfg.REWARD_MODEL, cfg, frozen_dtype, is_reward=True)
+    reward = load_sequence_classifier("REWARD_MODEL", cfg.REWARD_MODEL, cfg, frozen_dtype,
+                                      is_reward=True)
     parked = "cpu" if cfg.OFFLOAD_REF_AND_REWARD else backend.device
     reference.to(backend.device if cfg.USE_LORA else parked)
     reward = reward.requires_grad_(False).eval().to(parked)
     groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}
-              for m, lr in ((policy, cfg.LEARNING_RATE), (critic, cfg.CRITIC_LEARNING_RATE)) if m is not None]
+              for m, lr in ((policy, cfg.LEARNING_RATE), (critic, cfg.CRITIC_LEARNING_RATE))
+              if m is not None]
     # fused: one kernel per optimizer step instead of a dozen small ops per tensor
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.WEIGHT_DECAY, fused=True)
     model, optimizer = backend.prepare(PolicyAndCritic(policy, critic), optimizer)
     counts = [f"{sum(p.numel() for p in g['params']) / 1e6:.2f}M" for g in groups]
     logger.info(f"policy {type(policy).__name__} ({counts[0]} trainable parameters), critic "
-                f"{type(critic).__name__ if critic else 'none'} ({counts[1] if critic else 0}), device "
-                f"{backend.device}, mixed precision {backend.mixed_precision}")
+                f"{type(critic).__name__ if critic else 'none'} ({counts[1] if critic else 0}), "
+                f"device {backend.device}, mixed precision {backend.mixed_precision}")
     check_learning_rate(policy, cfg)
     return Models(tokenizer, reward_tokenizer, stop_ids, model, optimizer, reference, reward)
 
@@ -1003,19 +1092,22 @@ def load_models(cfg: Config, backend: "Backend", checkpoint: Optional[Path]) -> 
 def check_learning_rate(policy: nn.Module, cfg: Config) -> None:
     billions = sum(p.numel() for p in policy.parameters()) / 1e9
     if billions >= 0.3 and not cfg.USE_LORA and cfg.LEARNING_RATE > 2e-5:
-        logger.warning(f"LEARNING_RATE = {cfg.LEARNING_RATE:g} is far above the usual 1e-6 to 5e-6 for a "
-                       f"{billions:.1f}B-parameter policy; PPO is likely to diverge.")
+        logger.warning(f"LEARNING_RATE = {cfg.LEARNING_RATE:g} is far above the usual 1e-6 to 5e-6 "
+                       f"for a {billions:.1f}B-parameter policy; PPO is likely to diverge.")
 
 
-def write_policy(policy: nn.Module, tokenizer, folder: Path, adapter_folder: Path, cfg: Config) -> None:
-    """A folder AutoModelForCausalLM.from_pretrained loads; under LoRA the adapters go to adapter_folder
-    (what a resume loads) and `folder` gets base + adapters merged on a CPU copy (training is untouched)."""
+def write_policy(policy: nn.Module, tokenizer, folder: Path, adapter_folder: Path,
+                 cfg: Config) -> None:
+    """A folder AutoModelForCausalLM.from_pretrained loads; under LoRA the adapters go to
+    adapter_folder (what a resume loads) and `folder` gets base + adapters merged on a CPU copy
+    (training is untouched)."""
     if not cfg.USE_LORA:
         return write_model(policy, tokenizer, folder)
     from peft import PeftModel
     policy.save_pretrained(adapter_folder)
     base = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, torch.float32)
-    write_model(PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload(), tokenizer, folder)
+    write_model(PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload(), tokenizer,
+                folder)
 
 
 def write_model(model: nn.Module, tokenizer, folder: Path) -> None:
@@ -1041,20 +1133,23 @@ def pad_right(sequences: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, to
 
 
 def truncate_at_stop(response_ids: torch.Tensor, stop_ids: torch.Tensor):
-    """Keep each response up to and including its first stop token: (lengths (B,), has_stop (B,) bool)."""
+    """Keep each response up to and including its first stop token: (lengths (B,), has_stop (B,)
+    bool)."""
     is_stop = torch.isin(response_ids, stop_ids)                      # (B, T)
     has_stop = is_stop.any(1)
     first_stop = is_stop.int().argmax(1)
-    lengths = torch.where(has_stop, first_stop + 1, torch.full_like(first_stop, response_ids.shape[1]))
+    lengths = torch.where(has_stop, first_stop + 1,
+                          torch.full_like(first_stop, response_ids.shape[1]))
     return lengths, has_stop
 
 
 class Rows:
-    """Rows of a left-padded prompt `query_*` (B, P) and a right-padded response (B, T), with per-row
-    tensors (B,) and lists; the dataclasses below are its fields."""
+    """Rows of a left-padded prompt `query_*` (B, P) and a right-padded response (B, T), with
+    per-row tensors (B,) and lists; the dataclasses below are its fields."""
 
     def __post_init__(self):
-        # Lengths on the host, so that cutting micro-batches to size never waits for the accelerator.
+        # Lengths on the host, so that cutting micro-batches to size never waits for the
+        # accelerator.
         object.__setattr__(self, "query_lengths", self.query_mask.sum(1).cpu())
         object.__setattr__(self, "response_lengths", self.response_mask.sum(1).cpu())
 
@@ -1087,12 +1182,13 @@ class Rows:
 
 @dataclasses.dataclass(frozen=True)
 class Rollout(Rows):
-    """What generate_response returns: B prompts and one sampled response each, cut at its first stop."""
+    """What generate_response returns: B prompts and one sampled response each, cut at its first
+    stop."""
     prompts: List[str]
     query_ids: torch.Tensor                      # (B, P)
     query_mask: torch.Tensor                     # (B, P) bool, real prompt tokens
     response_ids: torch.Tensor                   # (B, T), padding after the first stop token
-    response_mask: torch.Tensor                  # (B, T) bool, real response tokens, stop token included
+    response_mask: torch.Tensor                  # (B, T) bool: real response tokens, stop included
     responses: List[str]                         # decoded, without the stop token
     has_eos: torch.Tensor                        # (B,) bool
 
@@ -1109,7 +1205,7 @@ class Experience(Rows):
     old_logprobs: torch.Tensor                   # (B, T) log pi_old(token) at TEMPERATURE
     ref_logprobs: torch.Tensor                   # (B, T) log pi_ref(token)
     values: Optional[torch.Tensor]               # (B, T) V_old; None without a critic
-    advantages: torch.Tensor                     # (B, T) whitened (gae, reinforce++) or group baselines
+    advantages: torch.Tensor                     # (B, T) whitened (gae, reinforce++) or grpo / rloo
     returns: torch.Tensor                        # (B, T) value targets (0 without a critic)
 
     def tensors(self) -> List[torch.Tensor]:
@@ -1118,7 +1214,8 @@ class Experience(Rows):
 
 
 class PolicyPass(NamedTuple):
-    """One forward of the trained models over some rows: log pi (B, T), entropy (B, T), V (B, T) or None."""
+    """One forward of the trained models over some rows: log pi (B, T), entropy (B, T), V (B, T) or
+    None."""
     logprobs: torch.Tensor
     entropy: torch.Tensor
     values: Optional[torch.Tensor]
@@ -1128,9 +1225,9 @@ class PolicyPass(NamedTuple):
 
 
 def minibatch_schedule(n: int, step: int, cfg) -> List[List[List[torch.Tensor]]]:
-    """epochs -> minibatches (one optimizer step each) -> micro-batches (index tensors) over a rollout of n
-    rows, shuffled per epoch by a generator seeded from (SEED, step): the same on every process and after
-    a resume, and no draw on the global RNG."""
+    """epochs -> minibatches (one optimizer step each) -> micro-batches (index tensors) over a
+    rollout of n rows, shuffled per epoch by a generator seeded from (SEED, step): the same on every
+    process and after a resume, and no draw on the global RNG."""
     generator = torch.Generator().manual_seed(cfg.SEED * 1_000_003 + step)
     epochs = []
     for _ in range(cfg.GROUP_EPOCHES):
@@ -1142,8 +1239,8 @@ def minibatch_schedule(n: int, step: int, cfg) -> List[List[List[torch.Tensor]]]
 
 
 def reuses_first_pass(schedule: List[List[List[torch.Tensor]]], n: int) -> bool:
-    """Whether the update's first forward can be the rollout's pass for log pi_old and V_old: it runs
-    the same weights over the same tokens when its micro-batch holds all n rows."""
+    """Whether the update's first forward can be the rollout's pass for log pi_old and V_old: it
+    runs the same weights over the same tokens when its micro-batch holds all n rows."""
     return len(schedule[0][0][0]) == n
 
 
@@ -1152,9 +1249,9 @@ def optimizer_steps_per_update(schedule: List[List[List[torch.Tensor]]]) -> int:
 
 
 def step_prompt_indices(order: List[int], position: int, per_step: int) -> List[int]:
-    """The prompts of the PPO step at `position` in an epoch's order: always per_step of them, so every
-    process gets the same number each step; the epoch's short last step is filled by wrapping around to
-    the start of the order (as torch's DistributedSampler pads)."""
+    """The prompts of the PPO step at `position` in an epoch's order: always per_step of them, so
+    every process gets the same number each step; the epoch's short last step is filled by wrapping
+    around to the start of the order (as torch's DistributedSampler pads)."""
     taken = list(order[position:position + per_step])
     while len(taken) < per_step:
         taken += order[:per_step - len(taken)]
@@ -1162,8 +1259,9 @@ def step_prompt_indices(order: List[int], position: int, per_step: int) -> List[
 
 
 def shard(items: List, rank: int, world: int) -> Tuple[List, int]:
-    """This process's share of items when every process must get as many: ceil(n / world) each, padded by
-    wrapping around. Returns (share, how many of them are real, i.e. come first and count)."""
+    """This process's share of items when every process must get as many: ceil(n / world) each,
+    padded by wrapping around. Returns (share, how many of them are real, i.e. come first and
+    count)."""
     per_process = math.ceil(len(items) / world)
     share = [items[i % len(items)] for i in range(rank, per_process * world, world)]
     return share, len(range(rank, len(items), world))
@@ -1221,34 +1319,41 @@ class Plan:
 
 def eval_metric_in_use(cfg: Config) -> bool:
     """EARLY_STOPPING_METRIC drives early stopping, or the "plateau" learning-rate schedule."""
-    return bool(cfg.EARLY_STOPPING_PATIENCE) or (cfg.USE_LR_SCHEDULER and cfg.LR_SCHEDULER_TYPE == "plateau")
+    return bool(cfg.EARLY_STOPPING_PATIENCE) or (cfg.USE_LR_SCHEDULER and
+                                                 cfg.LR_SCHEDULER_TYPE == "plateau")
 
 
 def missing_eval_metric(cfg: Config, metrics: Dict[str, float]) -> Optional[ConfigError]:
-    """The error for an EARLY_STOPPING_METRIC that the evaluation does not produce (even while nothing uses
-    it: a name that is never there is a typo, better caught before it is switched on)."""
+    """The error for an EARLY_STOPPING_METRIC that the evaluation does not produce (even while
+    nothing uses it: a name that is never there is a typo, better caught before it is switched
+    on)."""
     if cfg.EARLY_STOPPING_METRIC in metrics:
         return None
-    return ConfigError(f"EARLY_STOPPING_METRIC = {cfg.EARLY_STOPPING_METRIC!r} is not an evaluation metric; "
+    return ConfigError(f"EARLY_STOPPING_METRIC = {cfg.EARLY_STOPPING_METRIC!r} is not an "
+                       "evaluation metric; "
                        f"available: {sorted(k for k in metrics if k.startswith('eval/'))}.")
 
 
 def track_eval(state: TrainState, value: float, cfg: Config) -> Tuple[TrainState, bool, bool]:
-    """Early stopping and the "plateau" schedule after an evaluation whose EARLY_STOPPING_METRIC is value
-    (higher is better): (new state, improved, stop)."""
+    """Early stopping and the "plateau" schedule after an evaluation whose EARLY_STOPPING_METRIC is
+    value (higher is better): (new state, improved, stop)."""
     s = dataclasses.replace(state)
     improved = s.best_metric is None or value > s.best_metric + cfg.EARLY_STOPPING_MIN_DELTA
     if improved:
-        s.best_metric, s.best_step, s.evals_without_improvement, s.plateau_bad_evals = value, s.global_step, 0, 0
+        s.best_metric, s.best_step, s.evals_without_improvement, s.plateau_bad_evals = (
+            value, s.global_step, 0, 0)
     else:
         s.evals_without_improvement += 1
         s.plateau_bad_evals += 1
-    if cfg.USE_LR_SCHEDULER and cfg.LR_SCHEDULER_TYPE == "plateau" and s.plateau_bad_evals >= cfg.PLATEAU_PATIENCE:
+    if (cfg.USE_LR_SCHEDULER and cfg.LR_SCHEDULER_TYPE == "plateau" and
+            s.plateau_bad_evals >= cfg.PLATEAU_PATIENCE):
         s.lr_scale *= cfg.PLATEAU_FACTOR
         s.plateau_bad_evals = 0
-        logger.info(f"{cfg.EARLY_STOPPING_METRIC} has not improved for {cfg.PLATEAU_PATIENCE} evaluations: "
-                    f"learning rates x {cfg.PLATEAU_FACTOR} (now x {s.lr_scale:.4g} of the base)")
-    stop = bool(cfg.EARLY_STOPPING_PATIENCE) and s.evals_without_improvement >= cfg.EARLY_STOPPING_PATIENCE
+        logger.info(f"{cfg.EARLY_STOPPING_METRIC} has not improved for {cfg.PLATEAU_PATIENCE} "
+                    f"evaluations: learning rates x {cfg.PLATEAU_FACTOR} "
+                    f"(now x {s.lr_scale:.4g} of the base)")
+    stop = (bool(cfg.EARLY_STOPPING_PATIENCE) and
+            s.evals_without_improvement >= cfg.EARLY_STOPPING_PATIENCE)
     return s, improved, stop
 
 
@@ -1277,13 +1382,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> List[int]:
-    """The order of the training prompts in an epoch: the same on every process and after a resume."""
+    """The order of the training prompts in an epoch: the same on every process and after a
+    resume."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
 class StopRequest:
-    """SIGINT / SIGTERM while training: the first finishes (or drops) the step in flight, then the run
-    saves and exits; a second exits at once."""
+    """SIGINT / SIGTERM while training: the first finishes (or drops) the step in flight, then the
+    run saves and exits; a second exits at once."""
 
     def __init__(self):
         self.signum: Optional[int] = None
@@ -1293,13 +1399,16 @@ class StopRequest:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        logger.warning(f"Received {signal.Signals(signum).name}: stopping after the step in flight and saving a "
-                       "checkpoint. Press Ctrl-C again to exit at once (no checkpoint of this step).")
+        logger.warning(f"Received {signal.Signals(signum).name}: stopping after the step in flight "
+                       "and saving a checkpoint. Press Ctrl-C again to exit at once (no checkpoint "
+                       "of this step).")
 
     def __enter__(self):
         threading = sys.modules["threading"]
-        if threading.current_thread() is threading.main_thread():     # signals reach the main thread only
-            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        # signals reach the main thread only
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle)
+                             for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
@@ -1315,7 +1424,8 @@ class StopRequest:
 
 
 class Timer(dict):
-    """Seconds per phase of one step: `with timer("generate"): ...` (waits for the GPU to finish)."""
+    """Seconds per phase of one step: `with timer("generate"): ...` (waits for the GPU to
+    finish)."""
 
     def __init__(self, device: torch.device):
         super().__init__()
@@ -1339,15 +1449,18 @@ def use_cpu(cfg: Config) -> bool:
 
 
 def use_deepspeed() -> bool:
-    """Launched by `accelerate launch --config_file configs/deepspeed_zero2.yaml` (or another DeepSpeed config)."""
+    """Launched by `accelerate launch --config_file configs/deepspeed_zero2.yaml` (or another
+    DeepSpeed config)."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def process_state(cfg: Config):
-    """accelerate's per-process state, created once (the Accelerator reuses it). accelerate would run DeepSpeed
-    on CPUs as one process per rank, so DeepSpeed without a GPU (the tests) gets gloo explicitly."""
+    """accelerate's per-process state, created once (the Accelerator reuses it). accelerate would
+    run DeepSpeed on CPUs as one process per rank, so DeepSpeed without a GPU (the tests) gets gloo
+    explicitly."""
     from accelerate import PartialState
-    if use_cpu(cfg):        # else an installed DeepSpeed, imported by accelerate, prints that it found no GPU
+    # else an installed DeepSpeed, imported by accelerate, prints that it found no GPU
+    if use_cpu(cfg):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if use_deepspeed() and use_cpu(cfg):
         return PartialState(backend="gloo")
@@ -1362,9 +1475,9 @@ def resolve_mixed_precision(cfg: Config) -> str:
 
 
 class Backend:
-    """How a loss becomes an optimizer step, and how values combine across processes, for one process or
-    DDP through accelerate (with fp16's loss scaler); DeepSpeedBackend replaces what DeepSpeed does itself.
-    The training step calls these and never asks which one it runs on."""
+    """How a loss becomes an optimizer step, and how values combine across processes, for one
+    process or DDP through accelerate (with fp16's loss scaler); DeepSpeedBackend replaces what
+    DeepSpeed does itself. The training step calls these and never asks which one it runs on."""
 
     def __init__(self, cfg: Config):
         from accelerate import Accelerator
@@ -1396,18 +1509,22 @@ class Backend:
         self.accelerator.backward(loss)
 
     def step(self, learning_rates: Sequence[float]) -> Tuple[torch.Tensor, bool, str]:
-        """Clip each model's gradient norm, then step; skip (weights and optimizer state untouched) when a
-        gradient is NaN / inf. Returns (gradient norms (models,), stepped, what a skip did)."""
+        """Clip each model's gradient norm, then step; skip (weights and optimizer state untouched)
+        when a gradient is NaN / inf. Returns (gradient norms (models,), stepped, what a skip
+        did)."""
         self.accelerator.unscale_gradients()
         groups = self.optimizer.param_groups
-        norms = torch.stack([torch.nn.utils.clip_grad_norm_(g["params"], self.cfg.MAX_GRAD_NORM) for g in groups])
+        norms = torch.stack([torch.nn.utils.clip_grad_norm_(g["params"], self.cfg.MAX_GRAD_NORM)
+                             for g in groups])
         stepped = bool(torch.isfinite(norms).all())
-        note = f"non-finite gradient (norms {norms.tolist()}); optimizer step skipped, weights unchanged"
+        note = (f"non-finite gradient (norms {norms.tolist()}); optimizer step skipped, "
+                "weights unchanged")
         if stepped:
             for group, lr in zip(groups, learning_rates):
                 group["lr"] = lr
             self.optimizer.step()
-        elif self.accelerator.scaler is not None:    # fp16: back off the loss scale as GradScaler's skip does
+        # fp16: back off the loss scale as GradScaler's skip does
+        elif self.accelerator.scaler is not None:
             self.accelerator.scaler.update()
             note += f"; fp16 loss scale lowered to {self.accelerator.scaler.get_scale():g}"
         self.optimizer.zero_grad(set_to_none=True)
@@ -1423,9 +1540,9 @@ class Backend:
         return mean, self.all_sum(masked_sum((x - mean) ** 2, mask)) / (count - 1).clamp(min=1)
 
     def mean_metrics(self, metrics: Dict[str, torch.Tensor]) -> Dict[str, float]:
-        """Every metric averaged over the processes that have a finite value of it (NaN where none has),
-        in one transfer to the host. The names are agreed first, so a key one process lacks is a NaN
-        there, never a misaligned average."""
+        """Every metric averaged over the processes that have a finite value of it (NaN where none
+        has), in one transfer to the host. The names are agreed first, so a key one process lacks is
+        a NaN there, never a misaligned average."""
         names = sorted(metrics)
         if self.world > 1:
             names = sorted(set().union(*gather_object([names])))
@@ -1433,7 +1550,8 @@ class Backend:
                                               device=self.device).reshape(()) for k in names])
         if self.world > 1:
             finite = torch.isfinite(values)
-            total, count = self.all_sum(torch.stack([torch.where(finite, values, 0.0), finite.double()]))
+            total, count = self.all_sum(torch.stack([torch.where(finite, values, 0.0),
+                                                     finite.double()]))
             values = total / count
         return dict(zip(names, values.tolist()))
 
@@ -1451,28 +1569,30 @@ class Backend:
 
     def load_optimizer(self, checkpoint: Path, saved: dict) -> None:
         if saved["optimizer"] is None:
-            raise TrainingError(f"{checkpoint} was written under DeepSpeed: resume it with the same "
-                                "`accelerate launch --config_file ...` command.")
+            raise TrainingError(f"{checkpoint} was written under DeepSpeed: resume it with the "
+                                "same `accelerate launch --config_file ...` command.")
         self.optimizer.load_state_dict(saved["optimizer"])
         if saved.get("scaler") and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(saved["scaler"])
 
 
 class DeepSpeedBackend(Backend):
-    """DeepSpeed ZeRO through accelerate: ppo.py's constants decide its batch, accumulation and clipping
-    (its config's values are replaced); ppo.py marks the accumulation boundary itself and sets the
-    learning rates before each step; each process holds (and checkpoints) its part of the optimizer."""
+    """DeepSpeed ZeRO through accelerate: ppo.py's constants decide its batch, accumulation and
+    clipping (its config's values are replaced); ppo.py marks the accumulation boundary itself and
+    sets the learning rates before each step; each process holds (and checkpoints) its part of the
+    optimizer."""
 
     def prepare(self, model: nn.Module, optimizer):
         cfg, plugin = self.cfg, self.accelerator.state.deepspeed_plugin
         micro = cfg.BATCH_SIZE * cfg.GROUP_SIZE
         plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION_STEPS,
+            train_micro_batch_size_per_gpu=micro,
+            gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION_STEPS,
             train_batch_size=micro * cfg.GRADIENT_ACCUMULATION_STEPS * self.world,
             gradient_clipping=cfg.MAX_GRAD_NORM)
         plugin.deepspeed_config.pop("scheduler", None)
-        logger.info(f"DeepSpeed ZeRO stage {plugin.zero_stage}: optimizer state split over {self.world} "
-                    "processes; MAX_GRAD_NORM clips the joint norm of both models")
+        logger.info(f"DeepSpeed ZeRO stage {plugin.zero_stage}: optimizer state split over "
+                    f"{self.world} processes; MAX_GRAD_NORM clips the joint norm of both models")
         return super().prepare(model, optimizer)
 
     def micro_batch(self, last: bool):
@@ -1484,8 +1604,8 @@ class DeepSpeedBackend(Backend):
         self.model.backward(loss, scale_wrt_gas=False)
 
     def step(self, learning_rates: Sequence[float]) -> Tuple[torch.Tensor, bool, str]:
-        """DeepSpeed clips the joint gradient norm, steps and zeroes the gradients; it skips a step whose
-        gradients overflow. Its joint norm stands for each model's norm."""
+        """DeepSpeed clips the joint gradient norm, steps and zeroes the gradients; it skips a step
+        whose gradients overflow. Its joint norm stands for each model's norm."""
         for group, lr in zip(self.optimizer.param_groups, learning_rates):
             group["lr"] = lr
         self.model.step()
@@ -1499,12 +1619,15 @@ class DeepSpeedBackend(Backend):
         return None
 
     def save_optimizer_parts(self, path: Path) -> List[Path]:
-        """Each process writes its part beside the checkpoint-to-be; the main process moves them all in."""
+        """Each process writes its part beside the checkpoint-to-be; the main process moves them all
+        in."""
         zero = self.model.optimizer
-        parts = [path.parent / f".tmp_{path.name}__optimizer_rank_{r}.pt" for r in range(self.world)]
+        parts = [path.parent / f".tmp_{path.name}__optimizer_rank_{r}.pt"
+                 for r in range(self.world)]
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"base": zero.optimizer.state_dict(), "fp32": list(zero.single_partition_of_fp32_groups)},
+            torch.save({"base": zero.optimizer.state_dict(),
+                        "fp32": list(zero.single_partition_of_fp32_groups)},
                        parts[self.rank])
         self.wait()
         return parts
@@ -1512,10 +1635,12 @@ class DeepSpeedBackend(Backend):
     def load_optimizer(self, checkpoint: Path, saved: dict) -> None:
         saved_world = len(list(checkpoint.glob("optimizer_rank_*.pt")))
         if saved_world != self.world:
-            raise TrainingError(f"{checkpoint} holds the DeepSpeed optimizer state of {saved_world} process(es), "
-                                f"this run has {self.world}: resume it with --num_processes {saved_world or 'N'} "
+            raise TrainingError(f"{checkpoint} holds the DeepSpeed optimizer state of "
+                                f"{saved_world} process(es), this run has {self.world}: resume it "
+                                f"with --num_processes {saved_world or 'N'} "
                                 "and the same DeepSpeed config.")
-        part = torch.load(checkpoint / f"optimizer_rank_{self.rank}.pt", map_location="cpu", weights_only=True)
+        part = torch.load(checkpoint / f"optimizer_rank_{self.rank}.pt", map_location="cpu",
+                          weights_only=True)
         zero = self.model.optimizer
         zero.optimizer.load_state_dict(part["base"])
         for mine, theirs in zip(zero.single_partition_of_fp32_groups, part["fp32"]):
@@ -1551,10 +1676,10 @@ class PPOTrainer:
         self.files = RunFiles(cfg, self.output_dir, self.is_main, self.log_path)
         self.warned_negative_kl = False
         models = load_models(cfg, self.backend, self.checkpoint)
-        self.tokenizer, self.reward_tokenizer, self.stop_ids = models.tokenizer, models.reward_tokenizer, \
-            models.stop_ids
-        self.model, self.optimizer, self.ref, self.reward_model = models.model, models.optimizer, models.ref, \
-            models.reward_model
+        self.tokenizer, self.reward_tokenizer, self.stop_ids = (
+            models.tokenizer, models.reward_tokenizer, models.stop_ids)
+        self.model, self.optimizer, self.ref, self.reward_model = (
+            models.model, models.optimizer, models.ref, models.reward_model)
         if saved is not None:
             self.state = restore_checkpoint(saved, self.checkpoint, cfg, self.backend)
 
@@ -1568,9 +1693,10 @@ class PPOTrainer:
 
     @contextlib.contextmanager
     def on_device(self, model: nn.Module):
-        """With OFFLOAD_REF_AND_REWARD, move a frozen model to the accelerator only while it runs."""
+        """With OFFLOAD_REF_AND_REWARD, move a frozen model to the accelerator only while it
+        runs."""
         if not self.cfg.OFFLOAD_REF_AND_REWARD or any(p.requires_grad for p in model.parameters()):
-            yield model                              # only frozen models move (not a LoRA policy's base)
+            yield model                         # only frozen models move (not a LoRA policy's base)
             return
         model.to(self.device)
         try:
@@ -1593,8 +1719,8 @@ class PPOTrainer:
         limit = self.cfg.MAX_PROMPT_LENGTH
         too_long = sum(len(ids) > limit for ids in encoded)
         if too_long:
-            logger.warning(f"{too_long} of {len(new)} prompts are longer than MAX_PROMPT_LENGTH = {limit} "
-                           "tokens; they keep their last tokens.")
+            logger.warning(f"{too_long} of {len(new)} prompts are longer than MAX_PROMPT_LENGTH = "
+                           f"{limit} tokens; they keep their last tokens.")
         self.prompt_ids.update((p, ids[-limit:]) for p, ids in zip(new, encoded))
 
     def make_plan(self, n_prompts: int) -> Plan:
@@ -1603,25 +1729,31 @@ class PPOTrainer:
         steps_per_epoch = math.ceil(n_prompts / per_step)
         total = steps_per_epoch * cfg.NUM_EPOCHES
         total = min(total, cfg.MAX_STEPS) if cfg.MAX_STEPS else total
-        plan = Plan(n_prompts, per_step, steps_per_epoch, total, total * cfg.GROUP_EPOCHES * cfg.NUM_MINI_BATCHES)
+        plan = Plan(n_prompts, per_step, steps_per_epoch, total,
+                    total * cfg.GROUP_EPOCHES * cfg.NUM_MINI_BATCHES)
         tail = n_prompts % per_step
         if tail:
             logger.info(f"The last step of each epoch has {tail} new prompts; it repeats the first "
-                        f"{per_step - tail} of the epoch's order, so every step has {per_step} prompts.")
-        logger.info(f"{n_prompts} training prompts; per PPO step {per_step} prompts x {cfg.GROUP_SIZE} responses "
-                    f"on {world} process(es); {steps_per_epoch} steps per epoch x {cfg.NUM_EPOCHES} epochs = "
-                    f"{total} steps; {plan.optimizer_steps} optimizer steps "
-                    f"({cfg.GROUP_EPOCHES} PPO epochs x {cfg.NUM_MINI_BATCHES} minibatches per step)")
+                        f"{per_step - tail} of the epoch's order, so every step has {per_step} "
+                        "prompts.")
+        logger.info(f"{n_prompts} training prompts; per PPO step {per_step} prompts x "
+                    f"{cfg.GROUP_SIZE} responses on {world} process(es); {steps_per_epoch} steps "
+                    f"per epoch x {cfg.NUM_EPOCHES} epochs = {total} steps; "
+                    f"{plan.optimizer_steps} optimizer steps ({cfg.GROUP_EPOCHES} PPO epochs x "
+                    f"{cfg.NUM_MINI_BATCHES} minibatches per step)")
         return plan
 
     # -- the rollout: one PPO step's experience ----------------------------------------------------
     def generation_config(self, do_sample: bool, max_new_tokens: int):
-        """Sampling from the full softmax(logits / T): every filter the model's generation_config may
-        set (top-k, top-p, min-p, typical, repetition penalties, minimum length) is neutralised."""
+        """Sampling from the full softmax(logits / T): every filter the model's generation_config
+        may set (top-k, top-p, min-p, typical, repetition penalties, minimum length) is
+        neutralised."""
         from transformers import GenerationConfig
-        sampling = {"temperature": self.cfg.TEMPERATURE, "top_k": 0, "top_p": 1.0, "typical_p": 1.0,
-                    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,   # min_p = 0.0 would still add a no-op warper
-                    "min_p": None if self.policy.generation_config.min_p is None else 0.0} if do_sample else {}
+        sampling = ({"temperature": self.cfg.TEMPERATURE, "top_k": 0, "top_p": 1.0,
+                     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+                     # min_p = 0.0 would still add a no-op warper
+                     "min_p": None if self.policy.generation_config.min_p is None else 0.0}
+                    if do_sample else {})
         return GenerationConfig(
             do_sample=do_sample, max_new_tokens=max_new_tokens, min_new_tokens=0, num_beams=1,
             repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True, **sampling,
@@ -1630,15 +1762,17 @@ class PPOTrainer:
 
     def generate_response(self, prompts: List[str], max_new_tokens: Optional[int] = None,
                           do_sample: bool = True) -> Rollout:
-        """One response per prompt, in batches of BATCH_SIZE * GROUP_SIZE, each cut after its first stop token."""
+        """One response per prompt, in batches of BATCH_SIZE * GROUP_SIZE, each cut after its first
+        stop token."""
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         self.prepare_prompts(prompts)
         config = self.generation_config(do_sample, max_new_tokens or cfg.MAX_NEW_TOKENS)
-        policy = self.policy.eval()                    # eval mode: gradient checkpointing would disable the cache
+        policy = self.policy.eval()    # eval mode: gradient checkpointing would disable the cache
         queries = [self.prompt_ids[p] for p in prompts]
         responses, has_eos = [], []
         for start in range(0, len(prompts), cfg.BATCH_SIZE * cfg.GROUP_SIZE):
-            query_ids, query_mask = pad_left(queries[start:start + cfg.BATCH_SIZE * cfg.GROUP_SIZE], pad)
+            query_ids, query_mask = pad_left(queries[start:start + cfg.BATCH_SIZE * cfg.GROUP_SIZE],
+                                             pad)
             with torch.no_grad(), self.backend.autocast():
                 out = policy.generate(input_ids=query_ids.to(self.device), generation_config=config,
                                       attention_mask=query_mask.long().to(self.device))
@@ -1647,8 +1781,9 @@ class PPOTrainer:
             responses += [row[:n].tolist() for row, n in zip(generated, lengths.tolist())]
             has_eos += has_stop.tolist()
         policy.train()
-        texts = self.tokenizer.batch_decode([r[:-1] if eos else r for r, eos in zip(responses, has_eos)],
-                                            skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        texts = self.tokenizer.batch_decode(
+            [r[:-1] if eos else r for r, eos in zip(responses, has_eos)],
+            skip_special_tokens=True, clean_up_tokenization_spaces=False)
         query_ids, query_mask = pad_left(queries, pad)
         response_ids, response_mask = pad_right(responses, pad)
         to = self.device
@@ -1656,7 +1791,8 @@ class PPOTrainer:
                        response_mask.to(to), texts, torch.tensor(has_eos, device=to))
 
     def compute_rewards(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
-        """One score per response, shape (B,). Override to add terms (the guide's custom reward section)."""
+        """One score per response, shape (B,). Override to add terms (the guide's custom reward
+        section)."""
         return self.reward_model_scores(prompts, responses)
 
     def reward_model_score(self, prompt: str, response: str) -> torch.Tensor:
@@ -1665,10 +1801,12 @@ class PPOTrainer:
 
     @torch.no_grad()
     def reward_model_scores(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
-        """Batched reward-model scores (B,): its own tokenizer and chat template, read at the last real token."""
+        """Batched reward-model scores (B,): its own tokenizer and chat template, read at the last
+        real token."""
         tok = self.reward_tokenizer
         if tok.chat_template:
-            texts = [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+            texts = [tok.apply_chat_template([{"role": "user", "content": p},
+                                              {"role": "assistant", "content": r}],
                                              tokenize=False) for p, r in zip(prompts, responses)]
         else:
             texts = [p + r for p, r in zip(prompts, responses)]
@@ -1678,11 +1816,14 @@ class PPOTrainer:
             enc = tok(texts[start:start + chunk], padding=True, return_tensors="pt",
                       add_special_tokens=not tok.chat_template).to(self.device)
             with self.backend.autocast():
-                scores.append(sequence_scores(self.reward_model, enc["input_ids"], enc["attention_mask"]))
+                scores.append(sequence_scores(self.reward_model, enc["input_ids"],
+                                              enc["attention_mask"]))
         return torch.cat(scores)
 
-    def reference_matches(self, prompts: List[str], responses: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(correct (B,) float, has_reference (B,) bool) under ANSWER_MATCH against the dataset's outputs."""
+    def reference_matches(self, prompts: List[str],
+                          responses: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(correct (B,) float, has_reference (B,) bool) under ANSWER_MATCH against the dataset's
+        outputs."""
         refs = [self.references.get(p) for p in prompts]
         correct = [float(r is not None and answer_matches(text, r, self.cfg.ANSWER_MATCH))
                    for text, r in zip(responses, refs)]
@@ -1695,14 +1836,16 @@ class PPOTrainer:
             scores = self.compute_rewards(prompts, responses)
         scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).to(self.device)
         if len(scores) != len(responses):
-            raise TrainingError(f"compute_rewards returned {len(scores)} scores for {len(responses)} "
-                                "responses; it must return one score per response.")
+            raise TrainingError(f"compute_rewards returned {len(scores)} scores for "
+                                f"{len(responses)} responses; it must return one score per "
+                                "response.")
         return scores
 
-    def score_rollout(self, rollout: Rollout) -> Tuple[torch.Tensor, Optional[tuple], Dict[str, torch.Tensor]]:
+    def score_rollout(self, rollout: Rollout
+                      ) -> Tuple[torch.Tensor, Optional[tuple], Dict[str, torch.Tensor]]:
         """Steps 2-3: score = compute_rewards (+ reference reward), normalised, clipped, minus
-        MISSING_EOS_PENALTY for responses that never stopped. Returns (scores (B,), the running reward
-        moments to keep when REWARD_NORMALIZATION is on (else None), metrics)."""
+        MISSING_EOS_PENALTY for responses that never stopped. Returns (scores (B,), the running
+        reward moments to keep when REWARD_NORMALIZATION is on (else None), metrics)."""
         cfg = self.cfg
         model_scores = self.rewards_of(rollout.prompts, rollout.responses)
         correct, has_ref = self.reference_matches(rollout.prompts, rollout.responses)
@@ -1711,13 +1854,14 @@ class PPOTrainer:
             scores.sum(), (scores ** 2).sum(), torch.tensor(float(len(scores)), device=self.device),
             correct.sum(), has_ref.sum().float()]))
         metrics = {"objective/rm_score": model_scores.mean()}
-        if self.references:                  # a per-run key: NaN in a step none of whose prompts has one
+        if self.references:    # a per-run key: NaN in a step none of whose prompts has one
             metrics["train/accuracy"] = n_correct / n_ref
         moments = None
         if cfg.REWARD_NORMALIZATION:
             s, mean = self.state, (total / count).item()
             var = max((total_sq / count).item() - mean ** 2, 0.0)
-            moments = merge_moments(s.reward_mean, s.reward_var, s.reward_count, mean, var, int(count.item()))
+            moments = merge_moments(s.reward_mean, s.reward_var, s.reward_count, mean, var,
+                                    int(count.item()))
             scores = (scores - moments[0]) / math.sqrt(moments[1] + 1e-8)
         if cfg.REWARD_CLIP:
             scores = scores.clamp(-cfg.REWARD_CLIP, cfg.REWARD_CLIP)
@@ -1735,38 +1879,44 @@ class PPOTrainer:
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        """log pi_ref of every response token (B, T), the reference placed once for the whole rollout."""
+        """log pi_ref of every response token (B, T), the reference placed once for the whole
+        rollout."""
         logprobs = torch.zeros(rollout.response_ids.shape, device=self.device)
         with self.on_device(self.ref), self.backend.autocast():
             for idx in torch.arange(len(rollout)).split(self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE):
                 rows = rollout.select(idx)
                 t = rows.response_ids.shape[1]
                 logits = self.ref(*rows.sequences(), t)
-                logprobs[idx, :t] = logprobs_and_entropy(logits, rows.response_ids, self.cfg.TEMPERATURE,
+                logprobs[idx, :t] = logprobs_and_entropy(logits, rows.response_ids,
+                                                         self.cfg.TEMPERATURE,
                                                          with_entropy=False)[0]
         return logprobs
 
     @torch.no_grad()
     def old_pass(self, rollout: Rollout) -> PolicyPass:
-        """log pi_old, entropy and V_old of every response token, micro-batch by micro-batch (B, T) each."""
+        """log pi_old, entropy and V_old of every response token, micro-batch by micro-batch (B, T)
+        each."""
         length = rollout.response_ids.shape[1]
-        parts = [self.forward(rollout.select(idx))
-                 for idx in torch.arange(len(rollout)).split(self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE)]
+        parts = [self.forward(rollout.select(idx)) for idx in
+                 torch.arange(len(rollout)).split(self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE)]
         return PolicyPass(*(None if pieces[0] is None else torch.cat(
-            [nn.functional.pad(p.float(), (0, length - p.shape[1])) for p in pieces]) for pieces in zip(*parts)))
+            [nn.functional.pad(p.float(), (0, length - p.shape[1])) for p in pieces])
+            for pieces in zip(*parts)))
 
     def make_experience(self, prompts: List[str], schedule=None, timer: Optional[Timer] = None
-                        ) -> Tuple[Experience, Optional[PolicyPass], Optional[tuple], Dict[str, torch.Tensor]]:
-        """The rollout recipe for this process's prompts, GROUP_SIZE responses each: 1-3 here, 4-6 in
-        experience_of. Returns the complete experience, the update's first forward when the minibatch
-        schedule lets it stand for the old pass (else None: always without a schedule), the reward
-        moments to keep, and the rollout's metrics."""
+                        ) -> Tuple[Experience, Optional[PolicyPass], Optional[tuple],
+                                   Dict[str, torch.Tensor]]:
+        """The rollout recipe for this process's prompts, GROUP_SIZE responses each: 1-3 here, 4-6
+        in experience_of. Returns the complete experience, the update's first forward when the
+        minibatch schedule lets it stand for the old pass (else None: always without a schedule),
+        the reward moments to keep, and the rollout's metrics."""
         check = lambda: self.stop_request.check(self.backend)      # noqa: E731
         timer = timer if timer is not None else Timer(self.device)
-        with timer("generate"):                      # 1. sample, cut each response after its first stop token
-            rollout = self.generate_response([p for p in prompts for _ in range(self.cfg.GROUP_SIZE)])
+        with timer("generate"):            # 1. sample, cut each response after its first stop token
+            rollout = self.generate_response([p for p in prompts
+                                              for _ in range(self.cfg.GROUP_SIZE)])
         check()
-        with timer("score"):                         # 2-3. score, reference reward, missing-EOS penalty
+        with timer("score"):               # 2-3. score, reference reward, missing-EOS penalty
             scores, moments, metrics = self.score_rollout(rollout)
         check()
         with timer("forward"):
@@ -1775,20 +1925,21 @@ class PPOTrainer:
 
     def experience_of(self, rollout: Rollout, scores: torch.Tensor, schedule=None
                       ) -> Tuple[Experience, Optional[PolicyPass], Dict[str, torch.Tensor]]:
-        """Steps 4-6 of the recipe on a scored rollout: (experience, first pass or None, metrics)."""
+        """Steps 4-6 of the recipe on a scored rollout: (experience, first pass or None,
+        metrics)."""
         cfg, mask, beta = self.cfg, rollout.response_mask, self.state.kl_coef
-        ref_logprobs = self.reference_logprobs(rollout)                                  # 4. log pi_ref
-        if schedule is not None and reuses_first_pass(schedule, len(rollout)):         # 4. pi_old, V_old
-            order = schedule[0][0][0]                                  # the first micro-batch, in its order
+        ref_logprobs = self.reference_logprobs(rollout)                         # 4. log pi_ref
+        if schedule is not None and reuses_first_pass(schedule, len(rollout)):  # 4. pi_old, V_old
+            order = schedule[0][0][0]                       # the first micro-batch, in its order
             first_pass = self.forward(rollout.select(order))
             old = first_pass.detached_rows(torch.argsort(order))
         else:
             first_pass, old = None, self.old_pass(rollout)
-        advantages, returns, kl, unwhitened = compute_advantages(
-            scores, old.logprobs, ref_logprobs, old.values, mask, beta, cfg, self.backend.mean_var)  # 5-6.
+        advantages, returns, kl, unwhitened = compute_advantages(               # 5-6.
+            scores, old.logprobs, ref_logprobs, old.values, mask, beta, cfg, self.backend.mean_var)
         experience = Experience(rollout.query_ids, rollout.query_mask, rollout.response_ids, mask,
-                                rollout.has_eos, scores, old.logprobs, ref_logprobs, old.values, advantages,
-                                returns)
+                                rollout.has_eos, scores, old.logprobs, ref_logprobs, old.values,
+                                advantages, returns)
         non_score_reward = -beta * masked_sum(kl, mask, 1)                                  # (B,)
         metrics = {"objective/kl": masked_sum(kl, mask, 1).mean(),
                    "objective/kl_coef": torch.tensor(beta),
@@ -1799,9 +1950,10 @@ class PPOTrainer:
                    "response/length": mask.sum(1).float().mean(),
                    "response/eos_rate": rollout.has_eos.float().mean()}
         if old.values is not None:
-            metrics.update({"ppo/returns_mean": masked_mean(returns, mask),
-                            "ppo/val/mean": masked_mean(old.values, mask),
-                            "ppo/val/explained_variance": explained_variance(old.values, returns, mask)})
+            metrics.update({
+                "ppo/returns_mean": masked_mean(returns, mask),
+                "ppo/val/mean": masked_mean(old.values, mask),
+                "ppo/val/explained_variance": explained_variance(old.values, returns, mask)})
         return experience, first_pass, metrics
 
     # -- the update --------------------------------------------------------------------------------
@@ -1816,10 +1968,11 @@ class PPOTrainer:
 
     def minibatch_update(self, experience: Experience, micro_batches: List[torch.Tensor],
                          first_pass: Optional[PolicyPass] = None) -> Dict[str, torch.Tensor]:
-        """Forward and backward over one minibatch; every loss is a token sum divided by the token count
-        of the whole minibatch on all processes, so the gradient does not depend on how it is split.
-        Returns ppo_loss's statistics summed over the minibatch."""
-        tokens = self.backend.all_sum(sum(experience.response_mask[idx].sum() for idx in micro_batches).float())
+        """Forward and backward over one minibatch; every loss is a token sum divided by the token
+        count of the whole minibatch on all processes, so the gradient does not depend on how it is
+        split. Returns ppo_loss's statistics summed over the minibatch."""
+        tokens = self.backend.all_sum(sum(experience.response_mask[idx].sum()
+                                          for idx in micro_batches).float())
         normalizer = tokens / self.backend.world            # DDP averages gradients over processes
         totals: Dict[str, torch.Tensor] = {}
         for i, idx in enumerate(micro_batches):
@@ -1835,8 +1988,8 @@ class PPOTrainer:
 
     def ppo_update(self, experience: Experience, schedule=None,
                    first_pass: Optional[PolicyPass] = None) -> Dict[str, torch.Tensor]:
-        """GROUP_EPOCHES shuffled passes over the experience, an optimizer step per minibatch; with TARGET_KL,
-        the remaining passes are dropped once the approximate KL of a pass exceeds it."""
+        """GROUP_EPOCHES shuffled passes over the experience, an optimizer step per minibatch; with
+        TARGET_KL, the remaining passes are dropped once the approximate KL of a pass exceeds it."""
         cfg = self.cfg
         schedule = schedule or minibatch_schedule(len(experience), self.state.global_step, cfg)
         totals: Dict[str, torch.Tensor] = {}
@@ -1853,14 +2006,15 @@ class PPOTrainer:
             totals = {k: totals.get(k, 0) + v for k, v in epoch.items()}
             epochs_done += 1
             if cfg.TARGET_KL:
-                kl, tokens = self.backend.all_sum(torch.stack([epoch["approx_kl"], epoch["tokens"]]))
+                kl, tokens = self.backend.all_sum(torch.stack([epoch["approx_kl"],
+                                                               epoch["tokens"]]))
                 if kl / tokens > cfg.TARGET_KL:
                     break
         return update_metrics(totals, torch.stack(norms), epochs_done, skipped)
 
     def train_step(self, prompts: List[str]) -> Dict[str, float]:
-        """One PPO step on this process's prompts: the experience, then the update. Returns its metrics,
-        averaged over processes: the same keys in every step of a run."""
+        """One PPO step on this process's prompts: the experience, then the update. Returns its
+        metrics, averaged over processes: the same keys in every step of a run."""
         cfg, timer, start = self.cfg, Timer(self.device), time.perf_counter()
         schedule = minibatch_schedule(len(prompts) * cfg.GROUP_SIZE, self.state.global_step, cfg)
         experience, first_pass, moments, metrics = self.make_experience(prompts, schedule, timer)
@@ -1870,8 +2024,9 @@ class PPOTrainer:
             if self.backend.all_sum((~finite).float()) == 0:
                 metrics.update(self.ppo_update(experience, schedule, first_pass))
             else:
-                logger.warning(f"step {self.state.global_step + 1}: NaN / inf in the scores or advantages "
-                               "(reward model or compute_rewards); the update is skipped.")
+                logger.warning(f"step {self.state.global_step + 1}: NaN / inf in the scores or "
+                               "advantages (reward model or compute_rewards); the update is "
+                               "skipped.")
                 metrics.update(skipped_update_metrics(optimizer_steps_per_update(schedule),
                                                       experience.values is not None))
         metrics = self.backend.mean_metrics(metrics)
@@ -1880,13 +2035,14 @@ class PPOTrainer:
         generated = self.backend.all_sum(experience.response_mask.sum().float()).item()
         metrics.update({f"time/{name}": seconds for name, seconds in timer.items()})
         metrics["throughput/tokens_per_second"] = generated / timer["step"]
-        metrics.update({f"lr/{name}": group["lr"] for name, group in zip(("policy", "critic"),
-                                                                          self.optimizer.param_groups)})
+        metrics.update({f"lr/{name}": group["lr"]
+                        for name, group in zip(("policy", "critic"), self.optimizer.param_groups)})
         return metrics
 
-    def commit_step(self, metrics: Dict[str, float], moments: Optional[tuple], n_responses: int) -> None:
-        """What a completed step changes in the run state besides the optimizer: reward moments, skip
-        counters, the adaptive KL coefficient."""
+    def commit_step(self, metrics: Dict[str, float], moments: Optional[tuple],
+                    n_responses: int) -> None:
+        """What a completed step changes in the run state besides the optimizer: reward moments,
+        skip counters, the adaptive KL coefficient."""
         cfg, s = self.cfg, self.state
         if moments is not None:
             s.reward_mean, s.reward_var, s.reward_count = moments
@@ -1896,26 +2052,29 @@ class PPOTrainer:
         if s.consecutive_skips >= cfg.MAX_CONSECUTIVE_SKIPS:
             raise TrainingError(
                 f"{s.consecutive_skips} steps in a row hit a NaN / inf (MAX_CONSECUTIVE_SKIPS = "
-                f"{cfg.MAX_CONSECUTIVE_SKIPS}); stopping. The last checkpoint is intact. Try a lower "
-                "LEARNING_RATE, MAX_GRAD_NORM = 0.5, or check the reward model's scores.")
+                f"{cfg.MAX_CONSECUTIVE_SKIPS}); stopping. The last checkpoint is intact. Try a "
+                "lower LEARNING_RATE, MAX_GRAD_NORM = 0.5, or check the reward model's scores.")
         kl = metrics["objective/kl"]
         if not math.isfinite(kl):
             return
         if cfg.ADAPTIVE_KL:
-            s.kl_coef = adaptive_kl_coef(s.kl_coef, kl, n_responses, cfg.ADAPTIVE_KL_TARGET, cfg.ADAPTIVE_KL_HORIZON)
+            s.kl_coef = adaptive_kl_coef(s.kl_coef, kl, n_responses, cfg.ADAPTIVE_KL_TARGET,
+                                         cfg.ADAPTIVE_KL_HORIZON)
         if kl < -0.1 and cfg.KL_ESTIMATOR == "k1" and not self.warned_negative_kl:
             self.warned_negative_kl = True
             logger.warning(f"Mean KL is negative ({kl:.3f}): responses are not sampled from "
-                           "the policy itself (filtered sampling, a changed generate, or a temperature mismatch).")
+                           "the policy itself (filtered sampling, a changed generate, or a "
+                           "temperature mismatch).")
 
     # -- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, eval_prompts: List[str]) -> Dict[str, float]:
-        """Generate for this process's share of eval_prompts (greedy unless EVAL_GREEDY is False) and
-        measure, over all processes: mean reward-model score, accuracy against references, response length,
-        EOS rate. Override to add metrics: eval_metrics["custom_metric"] = ...; logged as eval/<name>."""
+        """Generate for this process's share of eval_prompts (greedy unless EVAL_GREEDY is False)
+        and measure, over all processes: mean reward-model score, accuracy against references,
+        response length, EOS rate. Override to add metrics: eval_metrics["custom_metric"] = ...;
+        logged as eval/<name>."""
         prompts, real = shard(eval_prompts, self.backend.rank, self.backend.world)
-        sums = torch.zeros(6, device=self.device)          # reward, length, eos, correct, has_ref, count
+        sums = torch.zeros(6, device=self.device)    # reward, length, eos, correct, has_ref, count
         chunk = self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE
         for start in range(0, len(prompts), chunk):
             batch = prompts[start:start + chunk]
@@ -1923,14 +2082,17 @@ class PPOTrainer:
             generation = self.generate_response(batch, do_sample=not self.cfg.EVAL_GREEDY)
             rewards = self.rewards_of(batch, generation.responses)
             correct, has_ref = self.reference_matches(batch, generation.responses)
-            rows = torch.stack([rewards, generation.response_mask.sum(1).float(), generation.has_eos.float(),
-                                correct, has_ref.float(), torch.ones_like(rewards)])
+            rows = torch.stack([rewards, generation.response_mask.sum(1).float(),
+                                generation.has_eos.float(), correct, has_ref.float(),
+                                torch.ones_like(rewards)])
             sums += (rows * counted).sum(1)
             if start == 0:
-                self.eval_samples = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in
-                                     zip(batch[:real], generation.responses, rewards)][:self.cfg.NUM_SAMPLES_TO_LOG]
+                self.eval_samples = [
+                    {"prompt": p, "response": r, "reward": float(s)} for p, r, s in
+                    zip(batch[:real], generation.responses, rewards)][:self.cfg.NUM_SAMPLES_TO_LOG]
         reward, length, eos, correct, has_ref, count = self.backend.all_sum(sums).tolist()
-        metrics = {"reward": reward / count, "response_length": length / count, "eos_rate": eos / count}
+        metrics = {"reward": reward / count, "response_length": length / count,
+                   "eos_rate": eos / count}
         if has_ref:
             metrics["accuracy"] = correct / has_ref
         return metrics
@@ -1953,21 +2115,23 @@ class PPOTrainer:
         return metrics
 
     # -- the training loop -------------------------------------------------------------------------
-    def train(self, train_prompts: Optional[List[str]] = None, eval_prompts: Optional[List[str]] = None) -> str:
-        """Train until NUM_EPOCHES, MAX_STEPS or early stopping; without prompts, on TRAIN_DATASETS and
-        EVAL_DATASETS. Returns why it stopped."""
+    def train(self, train_prompts: Optional[List[str]] = None,
+              eval_prompts: Optional[List[str]] = None) -> str:
+        """Train until NUM_EPOCHES, MAX_STEPS or early stopping; without prompts, on TRAIN_DATASETS
+        and EVAL_DATASETS. Returns why it stopped."""
         if train_prompts is None:
             train_prompts, eval_prompts, references = load_data(self.cfg)
             self.references.update(references)
         eval_prompts = list(eval_prompts or [])
         if self.checkpoint is None and holds_run(self.output_dir):
-            raise ConfigError(f"OUTPUT_DIR = {str(self.output_dir)!r} already holds a run (checkpoints or "
-                              "logs/metrics.jsonl). Resume it (RESUME = 'yes', or resume_from_checkpoint=...), or "
-                              "choose another OUTPUT_DIR; nothing there is overwritten.")
+            raise ConfigError(f"OUTPUT_DIR = {str(self.output_dir)!r} already holds a run "
+                              "(checkpoints or logs/metrics.jsonl). Resume it (RESUME = 'yes', or "
+                              "resume_from_checkpoint=...), or choose another OUTPUT_DIR; nothing "
+                              "there is overwritten.")
         if eval_metric_in_use(self.cfg) and not eval_prompts:
-            raise ConfigError(f"EARLY_STOPPING_METRIC = {self.cfg.EARLY_STOPPING_METRIC!r} drives early stopping "
-                              "or the plateau schedule, but EVAL_DATASETS is empty: add an evaluation set, or "
-                              "set EARLY_STOPPING_PATIENCE = 0.")
+            raise ConfigError(f"EARLY_STOPPING_METRIC = {self.cfg.EARLY_STOPPING_METRIC!r} drives "
+                              "early stopping or the plateau schedule, but EVAL_DATASETS is empty: "
+                              "add an evaluation set, or set EARLY_STOPPING_PATIENCE = 0.")
         self.prepare_prompts(list(train_prompts) + eval_prompts)
         self.plan = self.make_plan(len(train_prompts))
         self.files.open(self.state.global_step if self.checkpoint else None)
@@ -1982,13 +2146,15 @@ class PPOTrainer:
                 reason = self.train_loop(train_prompts, eval_prompts)
         except StepDropped:
             reason = "interrupted"
-        if self.state.global_step > 0 and not checkpoint_path(self.output_dir, self.state.global_step).exists():
+        if (self.state.global_step > 0 and
+                not checkpoint_path(self.output_dir, self.state.global_step).exists()):
             self.save_checkpoint()
         self.files.close()
         if reason == "interrupted":
             raise TrainingInterrupted(self.stop_request.signum,
                                       checkpoint_path(self.output_dir, self.state.global_step))
-        logger.info(f"Training finished ({reason}) at step {self.state.global_step}. Outputs: {self.output_dir}")
+        logger.info(f"Training finished ({reason}) at step {self.state.global_step}. "
+                    f"Outputs: {self.output_dir}")
         return reason
 
     def train_loop(self, train_prompts: List[str], eval_prompts: List[str]) -> str:
@@ -1996,20 +2162,24 @@ class PPOTrainer:
         for epoch in range(self.state.epoch, cfg.NUM_EPOCHES):
             self.state.epoch = epoch
             order = epoch_order(len(train_prompts), cfg.SEED, epoch)
-            with tqdm(total=plan.steps_per_epoch, initial=math.ceil(self.state.position / plan.prompts_per_step),
-                      desc=f"Epoch {epoch + 1}/{cfg.NUM_EPOCHES}", disable=not self.is_main, dynamic_ncols=True,
-                      bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]") as bar:
+            with tqdm(total=plan.steps_per_epoch,
+                      initial=math.ceil(self.state.position / plan.prompts_per_step),
+                      desc=f"Epoch {epoch + 1}/{cfg.NUM_EPOCHES}", disable=not self.is_main,
+                      dynamic_ncols=True, bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} "
+                                                     "[{elapsed}<{remaining}]") as bar:
                 while self.state.position < len(train_prompts):
                     if self.state.global_step >= plan.total_steps:
                         return "max_steps"
                     batch = step_prompt_indices(order, self.state.position, plan.prompts_per_step)
                     rng = rng_state()
                     try:
-                        metrics = self.train_step([train_prompts[i] for i in batch[backend.rank::backend.world]])
+                        metrics = self.train_step([train_prompts[i]
+                                                   for i in batch[backend.rank::backend.world]])
                     except StepDropped:                  # undo what the dropped step drew
                         set_rng_state(rng)
                         raise
-                    self.state.position = min(self.state.position + plan.prompts_per_step, len(train_prompts))
+                    self.state.position = min(self.state.position + plan.prompts_per_step,
+                                              len(train_prompts))
                     self.state.global_step += 1
                     bar.update(1)
                     reason = self.after_step(metrics, eval_prompts, bar)
@@ -2023,24 +2193,28 @@ class PPOTrainer:
         cfg, step = self.cfg, self.state.global_step
         stop, error = False, None
         if eval_prompts and self.stop_request.signum is None and (
-                step >= self.plan.total_steps or (cfg.EVAL_EVERY_N_STEPS and step % cfg.EVAL_EVERY_N_STEPS == 0)):
+                step >= self.plan.total_steps or
+                (cfg.EVAL_EVERY_N_STEPS and step % cfg.EVAL_EVERY_N_STEPS == 0)):
             eval_metrics = self.run_evaluation(eval_prompts)
             metrics.update(eval_metrics)
             error = missing_eval_metric(cfg, eval_metrics)
             if cfg.EARLY_STOPPING_METRIC in eval_metrics:
-                self.state, improved, stop = track_eval(self.state, eval_metrics[cfg.EARLY_STOPPING_METRIC], cfg)
+                self.state, improved, stop = track_eval(
+                    self.state, eval_metrics[cfg.EARLY_STOPPING_METRIC], cfg)
                 if improved and cfg.EARLY_STOPPING_PATIENCE:
                     self.save_policy(self.output_dir / "best")
         self.log_row(metrics)
-        bar.set_description_str(f"Epoch {self.state.epoch + 1}/{cfg.NUM_EPOCHES}: {progress_postfix(metrics)}")
+        bar.set_description_str(f"Epoch {self.state.epoch + 1}/{cfg.NUM_EPOCHES}: "
+                                f"{progress_postfix(metrics)}")
         if (cfg.SAVE_EVERY_N_STEPS and step % cfg.SAVE_EVERY_N_STEPS == 0) or stop or error:
             self.save_checkpoint()
         if error:
             raise error
         if stop:
             logger.info(f"Early stopping: {cfg.EARLY_STOPPING_METRIC} has not improved for "
-                        f"{self.state.evals_without_improvement} evaluations; best {self.state.best_metric:.4g} "
-                        f"at step {self.state.best_step} (policy in {self.output_dir / 'best'})")
+                        f"{self.state.evals_without_improvement} evaluations; "
+                        f"best {self.state.best_metric:.4g} at step {self.state.best_step} "
+                        f"(policy in {self.output_dir / 'best'})")
             return "early_stopping"
         return "interrupted" if self.stop_request.signum is not None else None
 
@@ -2053,17 +2227,20 @@ class PPOTrainer:
     def save_policy(self, folder: Path) -> None:
         """Policy and tokenizer in Hugging Face format, written atomically (used for best/)."""
         if self.is_main:
-            write_atomically(folder, lambda tmp: write_policy(self.policy, self.tokenizer, tmp, tmp / "adapter",
-                                                              self.cfg))
+            write_atomically(folder, lambda tmp: write_policy(self.policy, self.tokenizer, tmp,
+                                                              tmp / "adapter", self.cfg))
         self.backend.wait()
 
     def save_checkpoint(self) -> Path:
-        """OUTPUT_DIR/checkpoints/step_N/{policy/, critic/, training_state.pt, config.json}, complete or absent."""
+        """OUTPUT_DIR/checkpoints/step_N/{policy/, critic/, training_state.pt, config.json},
+        complete or absent."""
         path = checkpoint_path(self.output_dir, self.state.global_step)
-        write_checkpoint(path, self.state, self.backend, self.cfg, self.policy, self.critic, self.tokenizer)
+        write_checkpoint(path, self.state, self.backend, self.cfg, self.policy, self.critic,
+                         self.tokenizer)
         if self.is_main:
             rotate_checkpoints(self.output_dir / "checkpoints", self.cfg.SAVE_TOTAL_LIMIT,
-                               keep=self.state.best_step if self.cfg.EARLY_STOPPING_PATIENCE else None)
+                               keep=(self.state.best_step if self.cfg.EARLY_STOPPING_PATIENCE
+                                     else None))
         self.backend.wait()
         return path
 
@@ -2094,8 +2271,9 @@ def fsync_tree(folder: Path) -> None:
 
 
 def write_atomically(final: Path, write) -> None:
-    """write(tmp) into a temporary sibling folder, flush it to disk, then rename it to `final`: a crash
-    leaves either the old state or the complete new one, never a half-written folder under that name."""
+    """write(tmp) into a temporary sibling folder, flush it to disk, then rename it to `final`: a
+    crash leaves either the old state or the complete new one, never a half-written folder under
+    that name."""
     tmp = final.parent / f".tmp_{final.name}"
     if tmp.exists():
         shutil.rmtree(tmp)                          # a leftover of an interrupted save of ours
@@ -2115,10 +2293,11 @@ def write_atomically(final: Path, write) -> None:
         shutil.rmtree(old)
 
 
-def write_checkpoint(path: Path, state: TrainState, backend: Backend, cfg: Config, policy: nn.Module,
-                     critic: Optional[nn.Module], tokenizer) -> None:
-    """step_N/{policy/, critic/, training_state.pt, config.json} (+ optimizer parts under DeepSpeed),
-    written by the main process into a temporary folder that is renamed when complete."""
+def write_checkpoint(path: Path, state: TrainState, backend: Backend, cfg: Config,
+                     policy: nn.Module, critic: Optional[nn.Module], tokenizer) -> None:
+    """step_N/{policy/, critic/, training_state.pt, config.json} (+ optimizer parts under
+    DeepSpeed), written by the main process into a temporary folder that is renamed when
+    complete."""
     rng = backend.gather_rng()
     parts = backend.save_optimizer_parts(path)
     if not backend.is_main or path.exists():
@@ -2132,39 +2311,43 @@ def write_checkpoint(path: Path, state: TrainState, backend: Backend, cfg: Confi
         for part in parts:
             os.replace(part, tmp / part.name.split("__", 1)[1])
         write_policy(policy, tokenizer, tmp / "policy", tmp / "policy_adapter", cfg)
-        if critic is not None:           # the critic reads the policy's tokens: it keeps the policy's tokenizer
+        # the critic reads the policy's tokens: it keeps the policy's tokenizer
+        if critic is not None:
             write_model(critic, tokenizer, tmp / "critic")
         torch.save(training_state, tmp / "training_state.pt")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
     try:
         write_atomically(path, write)
     except OSError as e:
-        raise TrainingError(f"Could not write checkpoint {path}: {e.strerror or first_line(e)}. Free space "
-                            f"on the disk holding {path.parent} (or fix its permissions); the previous "
-                            "checkpoints there are intact. Run again to resume from the latest.") from None
+        raise TrainingError(f"Could not write checkpoint {path}: {e.strerror or first_line(e)}. "
+                            f"Free space on the disk holding {path.parent} (or fix its "
+                            "permissions); the previous checkpoints there are intact. Run again to "
+                            "resume from the latest.") from None
     logger.info(f"Checkpoint saved: {path}")
 
 
 def restore_checkpoint(saved: dict, checkpoint: Path, cfg: Config, backend: Backend) -> TrainState:
-    """The run state of a checkpoint's training_state.pt, its optimizer and RNG restored (its weights were
-    loaded with the models). Settings changed since then win over what the state remembers of them."""
+    """The run state of a checkpoint's training_state.pt, its optimizer and RNG restored (its
+    weights were loaded with the models). Settings changed since then win over what the state
+    remembers of them."""
     known = {f.name for f in dataclasses.fields(TrainState)}
     state = TrainState(**{k: v for k, v in saved["state"].items() if k in known})
     backend.load_optimizer(checkpoint, saved)
     rng = saved["rng"]
     set_rng_state(rng[backend.rank] if len(rng) > backend.rank else rng[0])
     if len(rng) <= backend.rank:
-        logger.warning(f"{checkpoint} was saved by {len(rng)} process(es); process {backend.rank} continues "
-                       "with the random state of process 0.")
+        logger.warning(f"{checkpoint} was saved by {len(rng)} process(es); process {backend.rank} "
+                       "continues with the random state of process 0.")
     before = saved.get("config", {})
     if not (cfg.ADAPTIVE_KL and before.get("ADAPTIVE_KL", True)):
-        state.kl_coef = cfg.KL_COEF             # a fixed coefficient, or a controller that starts now
+        state.kl_coef = cfg.KL_COEF     # a fixed coefficient, or a controller that starts now
     elif before.get("KL_COEF", cfg.KL_COEF) != cfg.KL_COEF:
-        logger.info(f"ADAPTIVE_KL: the controller's KL coefficient {state.kl_coef:.4g} from the checkpoint "
-                    f"continues; KL_COEF = {cfg.KL_COEF} is only the start value of a new run.")
+        logger.info(f"ADAPTIVE_KL: the controller's KL coefficient {state.kl_coef:.4g} from the "
+                    f"checkpoint continues; KL_COEF = {cfg.KL_COEF} is only the start value of a "
+                    "new run.")
     if before.get("EARLY_STOPPING_METRIC", cfg.EARLY_STOPPING_METRIC) != cfg.EARLY_STOPPING_METRIC:
-        logger.info(f"EARLY_STOPPING_METRIC changed to {cfg.EARLY_STOPPING_METRIC!r}: its best value and "
-                    "patience counters start afresh.")
+        logger.info(f"EARLY_STOPPING_METRIC changed to {cfg.EARLY_STOPPING_METRIC!r}: its best "
+                    "value and patience counters start afresh.")
         state.best_metric, state.best_step = None, -1
         state.evals_without_improvement = state.plateau_bad_evals = 0
     logger.info(f"Resumed from {checkpoint}: step {state.global_step}, epoch {state.epoch + 1}, "
@@ -2189,7 +2372,8 @@ def list_checkpoints(output_dir) -> List[Tuple[int, Path]]:
 
 
 def rotate_checkpoints(root: Path, limit: int, keep: Optional[int]) -> None:
-    """Keep the newest `limit` checkpoints (and step `keep`); called only after a new one is complete."""
+    """Keep the newest `limit` checkpoints (and step `keep`); called only after a new one is
+    complete."""
     if not limit:
         return
     checkpoints = list_checkpoints(root.parent)
@@ -2200,13 +2384,15 @@ def rotate_checkpoints(root: Path, limit: int, keep: Optional[int]) -> None:
 
 
 def load_checkpoint_state(path: Path, cfg: Config) -> dict:
-    """Check a checkpoint folder and compare its settings; returns its training_state.pt (tensors only),
-    with the checkpoint's settings under "config"."""
-    needed = CHECKPOINT_FILES + (("critic/config.json",) if cfg.ADVANTAGE_ESTIMATOR == "gae" else ()) + (
+    """Check a checkpoint folder and compare its settings; returns its training_state.pt (tensors
+    only), with the checkpoint's settings under "config"."""
+    needed = CHECKPOINT_FILES + (
+        ("critic/config.json",) if cfg.ADVANTAGE_ESTIMATOR == "gae" else ()) + (
         ("policy_adapter/adapter_config.json",) if cfg.USE_LORA else ())
     missing = [f for f in needed if not (path / f).exists()]
     if not path.is_dir() or missing:
-        what = "does not exist" if not path.is_dir() else f"is incomplete (missing {', '.join(missing)})"
+        what = ("does not exist" if not path.is_dir()
+                else f"is incomplete (missing {', '.join(missing)})")
         raise ConfigError(f"Checkpoint {path} {what}. {CHECKPOINT_HELP}")
     try:
         saved = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
@@ -2214,23 +2400,25 @@ def load_checkpoint_state(path: Path, cfg: Config) -> dict:
     except Exception as e:
         raise ConfigError(f"Checkpoint {path}: cannot read training_state.pt / config.json "
                           f"({first_line(e)}). {CHECKPOINT_HELP}") from None
-    changed = [k for k in CONFIG_KEYS if k in saved_cfg and saved_cfg[k] != cfg[k] and k not in ("RESUME",)]
+    changed = [k for k in CONFIG_KEYS
+               if k in saved_cfg and saved_cfg[k] != cfg[k] and k not in ("RESUME",)]
     models = [k for k in changed if k in STRUCTURE_KEYS and (
         k not in MODEL_KEYS or resolve_path(str(saved_cfg[k])) != resolve_path(str(cfg[k])))]
     if models:
         raise ConfigError(f"Checkpoint {path} was trained with other models: " + "; ".join(
-            f"{k} was {saved_cfg[k]!r}, now {cfg[k]!r}" for k in models) + ". Resume with the same models, or set "
-            "RESUME = 'no' to start a new run.")
+            f"{k} was {saved_cfg[k]!r}, now {cfg[k]!r}" for k in models) + ". Resume with the "
+            "same models, or set RESUME = 'no' to start a new run.")
     for k in changed:
         if k not in STRUCTURE_KEYS:
-            logger.warning(f"Resuming with a changed setting: {k} was {saved_cfg[k]!r}, now {cfg[k]!r}")
+            logger.warning(f"Resuming with a changed setting: {k} was {saved_cfg[k]!r}, "
+                           f"now {cfg[k]!r}")
     saved["config"] = saved_cfg
     return saved
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume keep exactly the rows up to the checkpoint's step (dropping those the interrupted run wrote
-    after it, and a torn last line)."""
+    """On resume keep exactly the rows up to the checkpoint's step (dropping those the interrupted
+    run wrote after it, and a torn last line)."""
     if not path.exists():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
@@ -2250,12 +2438,14 @@ def json_row(line: str) -> Optional[dict]:
 
 
 def read_metrics(path: Path) -> List[dict]:
-    return [row for line in path.read_text(encoding="utf-8").splitlines() if (row := json_row(line))]
+    return [row for line in path.read_text(encoding="utf-8").splitlines()
+            if (row := json_row(line))]
 
 
 class RunFiles:
-    """The run's outputs, written by the main process only: training_config.json, logs/metrics.jsonl
-    (one row per step and evaluation, flushed as written), logs/samples.jsonl, wandb, and the charts."""
+    """The run's outputs, written by the main process only: training_config.json,
+    logs/metrics.jsonl (one row per step and evaluation, flushed as written), logs/samples.jsonl,
+    wandb, and the charts."""
 
     def __init__(self, cfg: Config, output_dir: Path, is_main: bool, log_path: Optional[Path]):
         self.cfg, self.output_dir, self.is_main, self.log_path = cfg, output_dir, is_main, log_path
@@ -2273,11 +2463,13 @@ class RunFiles:
                 truncate_metrics(self.metrics_path, resumed_step)
             self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")
         except OSError as e:
-            raise ConfigError(f"OUTPUT_DIR = {str(self.output_dir)!r} is not writable ({e.strerror}); choose "
-                              "another folder or fix its permissions.") from None
+            raise ConfigError(f"OUTPUT_DIR = {str(self.output_dir)!r} is not writable "
+                              f"({e.strerror}); choose another folder or fix its "
+                              "permissions.") from None
         logger.info(f"Log: {self.log_path}; metrics: {self.metrics_path}")
         if self.cfg.USE_WANDB:
-            self.wandb_run = start_wandb(self.cfg, self.output_dir, resuming=resumed_step is not None)
+            self.wandb_run = start_wandb(self.cfg, self.output_dir,
+                                         resuming=resumed_step is not None)
 
     def log(self, row: dict, step: int) -> None:
         if self.metrics_file is None:
@@ -2296,7 +2488,8 @@ class RunFiles:
         if self.wandb_run is not None:
             import wandb
             table = wandb.Table(columns=["step", "prompt", "response", "reward"],
-                                data=[[step, s["prompt"], s["response"], s["reward"]] for s in samples])
+                                data=[[step, s["prompt"], s["response"], s["reward"]]
+                                      for s in samples])
             self.wandb_run.log({"eval/samples": table}, step=step)
 
     def close(self) -> None:
@@ -2310,7 +2503,7 @@ class RunFiles:
         try:
             for path in plot_metrics(read_metrics(self.metrics_path), self.output_dir):
                 logger.info(f"Chart: {path}")
-        except Exception as e:                     # a chart must never cost the run its checkpoint or exit status
+        except Exception as e:    # a chart must never cost the run its checkpoint or exit status
             logger.warning(f"Could not draw the charts: {type(e).__name__}: {e}")
 
 
@@ -2342,8 +2535,8 @@ def setup_logging(output_dir: Path, is_main: bool) -> Optional[Path]:
         path = logs / f"training_{time.strftime('%Y%m%d_%H%M%S')}.log"
         file_handler = logging.FileHandler(path, encoding="utf-8")
     except OSError as e:
-        raise ConfigError(f"OUTPUT_DIR = {str(output_dir)!r} is not writable ({e.strerror}); choose another "
-                          "folder or fix its permissions.") from None
+        raise ConfigError(f"OUTPUT_DIR = {str(output_dir)!r} is not writable ({e.strerror}); "
+                          "choose another folder or fix its permissions.") from None
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(file_handler)
     return path
@@ -2351,10 +2544,12 @@ def setup_logging(output_dir: Path, is_main: bool) -> Optional[Path]:
 
 def progress_postfix(metrics: Dict[str, float]) -> str:
     """The guide's terminal line: PL:0.3245 VL:0.1234 R:1.56 A:0.23 E:0.678 LR:1.00e-06"""
-    value = {k: metrics.get(k, math.nan) for k in ("ppo/loss/policy", "ppo/loss/value", "objective/score",
-                                                    "ppo/advantages_mean", "objective/entropy", "lr/policy")}
-    return (f"PL:{value['ppo/loss/policy']:.4f} VL:{value['ppo/loss/value']:.4f} R:{value['objective/score']:.2f} "
-            f"A:{value['ppo/advantages_mean']:.2f} E:{value['objective/entropy']:.3f} LR:{value['lr/policy']:.2e}")
+    value = {k: metrics.get(k, math.nan)
+             for k in ("ppo/loss/policy", "ppo/loss/value", "objective/score",
+                       "ppo/advantages_mean", "objective/entropy", "lr/policy")}
+    return (f"PL:{value['ppo/loss/policy']:.4f} VL:{value['ppo/loss/value']:.4f} "
+            f"R:{value['objective/score']:.2f} A:{value['ppo/advantages_mean']:.2f} "
+            f"E:{value['objective/entropy']:.3f} LR:{value['lr/policy']:.2e}")
 
 
 def json_safe(value):
@@ -2371,14 +2566,15 @@ def start_wandb(cfg: Config, output_dir: Path, resuming: bool):
     try:
         import wandb
     except ImportError:
-        logger.warning("USE_WANDB = True but the wandb package is not installed (pip install wandb); "
-                       "continuing without it.")
+        logger.warning("USE_WANDB = True but the wandb package is not installed "
+                       "(pip install wandb); continuing without it.")
         return None
     id_file = output_dir / "wandb_run_id.txt"
     run_id = id_file.read_text().strip() if resuming and id_file.exists() else uuid.uuid4().hex[:12]
     try:
-        run = wandb.init(project=cfg.WANDB_PROJECT, entity=cfg.WANDB_ENTITY, id=run_id, resume="allow",
-                         name=cfg.WANDB_RUN_NAME or output_dir.name, config=dict(cfg), dir=str(output_dir))
+        run = wandb.init(project=cfg.WANDB_PROJECT, entity=cfg.WANDB_ENTITY, id=run_id,
+                         resume="allow", name=cfg.WANDB_RUN_NAME or output_dir.name,
+                         config=dict(cfg), dir=str(output_dir))
     except Exception as e:
         logger.warning(f"wandb could not start ({first_line(e)}); run `wandb login` "
                        "or set WANDB_MODE=offline. Continuing without it.")
@@ -2424,15 +2620,18 @@ def draw_series(ax, rows: List[dict], key: str) -> bool:
 
 
 def plot_metrics(rows: List[dict], output_dir: Path) -> List[Path]:
-    """training_metrics_detailed.png (every metric, a panel each) and ppo_metrics_with_entropy.png (PPO health)."""
+    """training_metrics_detailed.png (every metric, a panel each) and ppo_metrics_with_entropy.png
+    (PPO health)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in rows if isinstance(r, dict) and "step" in r]
-    names = sorted({k for r in rows for k, v in r.items() if k not in ("step", "epoch") and isinstance(v, (int, float))},
+    names = sorted({k for r in rows for k, v in r.items()
+                    if k not in ("step", "epoch") and isinstance(v, (int, float))},
                    key=lambda k: (not k.startswith(("eval/", "objective/")), k))
     layouts = (("training_metrics_detailed.png", [(k, (k,), "") for k in names]),
-               ("ppo_metrics_with_entropy.png", [p for p in HEALTH_PANELS if any(k in names for k in p[1])]))
+               ("ppo_metrics_with_entropy.png",
+                [p for p in HEALTH_PANELS if any(k in names for k in p[1])]))
     outputs = []
     for filename, panels in layouts:
         if not panels:
@@ -2452,12 +2651,14 @@ def plot_metrics(rows: List[dict], output_dir: Path) -> List[Path]:
                 ax.legend(fontsize=7)
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
-        width, height = fig.get_size_inches()        # fixed margins in inches: tight_layout costs a full draw
+        # fixed margins in inches: tight_layout costs a full draw
+        width, height = fig.get_size_inches()
         fig.suptitle(f"{Path(output_dir).resolve().name}: "
-                     + ("all metrics (faint: raw, solid: smoothed, dots: evaluations)" if "detailed" in filename
-                        else "PPO health"), fontsize=12, y=1 - 0.12 / height, va="top")
-        fig.subplots_adjust(left=0.65 / width, right=1 - 0.2 / width, bottom=0.5 / height, top=1 - 0.7 / height,
-                            wspace=0.32, hspace=0.55 * 3.1 / (3.1 - 0.55))
+                     + ("all metrics (faint: raw, solid: smoothed, dots: evaluations)"
+                        if "detailed" in filename else "PPO health"),
+                     fontsize=12, y=1 - 0.12 / height, va="top")
+        fig.subplots_adjust(left=0.65 / width, right=1 - 0.2 / width, bottom=0.5 / height,
+                            top=1 - 0.7 / height, wspace=0.32, hspace=0.55 * 3.1 / (3.1 - 0.55))
         path = Path(output_dir) / filename
         fig.savefig(path, dpi=90)
         plt.close(fig)
@@ -2470,7 +2671,8 @@ def plot_metrics(rows: List[dict], output_dir: Path) -> List[Path]:
 # ---------------------------------------------------------------------------------------------
 def load_data(cfg: Config) -> Tuple[List[str], List[str], Dict[str, str]]:
     """(train prompts, eval prompts, {prompt: reference}) from TRAIN_DATASETS and EVAL_DATASETS."""
-    train_prompts, train_refs = load_prompts(cfg.TRAIN_DATASETS, cfg.MAX_TRAIN_SAMPLES, "TRAIN_DATASETS")
+    train_prompts, train_refs = load_prompts(cfg.TRAIN_DATASETS, cfg.MAX_TRAIN_SAMPLES,
+                                             "TRAIN_DATASETS")
     eval_prompts, eval_refs = load_prompts(cfg.EVAL_DATASETS, cfg.MAX_EVAL_SAMPLES, "EVAL_DATASETS")
     return train_prompts, eval_prompts, {**train_refs, **eval_refs}
 
@@ -2489,7 +2691,8 @@ def ask_yes_no(question: str) -> Optional[bool]:
 
 
 def choose_resume(cfg: Config) -> Tuple[Optional[str], Config, str]:
-    """(checkpoint to resume or None, settings (a new OUTPUT_DIR when the user starts over), note for the log)."""
+    """(checkpoint to resume or None, settings (a new OUTPUT_DIR when the user starts over), note
+    for the log)."""
     if cfg.RESUME not in ("ask", "yes", "no"):
         return cfg.RESUME, cfg, f"Resuming from {cfg.RESUME} (RESUME)"
     checkpoints = list_checkpoints(cfg.OUTPUT_DIR)
@@ -2502,7 +2705,8 @@ def choose_resume(cfg: Config) -> Tuple[Optional[str], Config, str]:
     if cfg.RESUME == "yes":
         return str(latest), cfg, f"Resuming from {latest} (RESUME = 'yes')"
     if not sys.stdin or not sys.stdin.isatty():
-        return str(latest), cfg, f"Found {latest}; no terminal to ask, so resuming from it (RESUME = 'ask')"
+        return (str(latest), cfg,
+                f"Found {latest}; no terminal to ask, so resuming from it (RESUME = 'ask')")
     print(f"发现检查点: checkpoints/{latest.name}\nFound checkpoint: {latest}")
     answer = ask_yes_no("是否从检查点恢复训练？(y/n): ")
     if answer is None:
@@ -2511,7 +2715,8 @@ def choose_resume(cfg: Config) -> Tuple[Optional[str], Config, str]:
 
 
 def agree_on_resume(cfg: Config) -> Tuple[Optional[str], Config, str]:
-    """The main process decides (and asks at the terminal); every other process follows its answer."""
+    """The main process decides (and asks at the terminal); every other process follows its
+    answer."""
     state = process_state(cfg)
     decision = [choose_resume(cfg) if state.is_main_process else None]
     if state.num_processes > 1:
@@ -2520,8 +2725,9 @@ def agree_on_resume(cfg: Config) -> Tuple[Optional[str], Config, str]:
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python ppo.py [run.json|run.yaml] [--NAME=value ...]` or `python ppo.py --plot OUTPUT_DIR`. Returns
-    the exit status: 0 done, 1 training error, 2 bad settings or input, 130 / 143 interrupted."""
+    """`python ppo.py [run.json|run.yaml] [--NAME=value ...]` or `python ppo.py --plot OUTPUT_DIR`.
+    Returns the exit status: 0 done, 1 training error, 2 bad settings or input, 130 / 143
+    interrupted."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:1] == ["--plot"]:
@@ -2535,7 +2741,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
             logger.info(note)
         trainer.references.update(references)
         trainer.train(train_prompts, eval_prompts)
-        trainer.accelerator.end_training()      # a process group left to interpreter exit can abort in gloo
+        # a process group left to interpreter exit can abort in gloo
+        trainer.accelerator.end_training()
         return 0
     except ConfigError as e:
         print(f"Error: {e}", file=sys.stderr)
@@ -2544,16 +2751,16 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         logger.error(str(e)) if logger.handlers else print(f"Error: {e}", file=sys.stderr)
         return 1
     except TrainingInterrupted as e:
-        print(f"Interrupted by {signal.Signals(e.signum).name}; checkpoint: {e.checkpoint}. Run again to resume.",
-              file=sys.stderr)
+        print(f"Interrupted by {signal.Signals(e.signum).name}; checkpoint: {e.checkpoint}. "
+              "Run again to resume.", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
-        print("Interrupted; nothing of the step in flight was saved. Run again to resume from the last checkpoint.",
-              file=sys.stderr)
+        print("Interrupted; nothing of the step in flight was saved. Run again to resume from the "
+              "last checkpoint.", file=sys.stderr)
         return 130
     except torch.cuda.OutOfMemoryError:
-        print("Error: CUDA out of memory. Try BATCH_SIZE = 1, GRADIENT_ACCUMULATION_STEPS = 4 or more, "
-              "GROUP_SIZE = 1, and a smaller MAX_NEW_TOKENS.", file=sys.stderr)
+        print("Error: CUDA out of memory. Try BATCH_SIZE = 1, GRADIENT_ACCUMULATION_STEPS = 4 or "
+              "more, GROUP_SIZE = 1, and a smaller MAX_NEW_TOKENS.", file=sys.stderr)
         return 1
 
 
