@@ -8,7 +8,7 @@ ppo.py: PPO for RLHF of Hugging Face causal language models, in one file.
     python ppo.py --plot outputs/ppo_v1           # redraw the charts of a run
     torchrun --nproc_per_node 4 ppo.py            # several GPUs
     accelerate launch --num_processes 4 ppo.py    # the same through accelerate
-    accelerate launch --config_file configs/deepspeed_zero2.yaml ppo.py   # ZeRO-2 (pip install deepspeed)
+    accelerate launch --config_file configs/deepspeed_zero2.yaml ppo.py  # ZeRO-2 (needs deepspeed)
     python -m pytest -q tests                     # the test suite
 
 Deliberate choices, where references differ:
