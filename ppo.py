@@ -904,6 +904,62 @@ def stop_token_ids(tokenizer, path: str, config, stop_tokens: List[str]) -> torc
     return torch.tensor(sorted(ids))
 
 
+def template_turn_end(tokenizer) -> Optional[int]:
+    """The special token the chat template writes right after an assistant's message (<|im_end|>,
+    <|eot_id|>, <end_of_turn>, ...), or None: a base model with a chat template may have another
+    EOS."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"},
+                                              {"role": "assistant", "content": "y"}],
+                                             tokenize=False)
+    except Exception:                                # a template that refuses this conversation
+        return None
+    tail = tokenizer(text[text.rfind("y") + 1:], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
+                                                 if t.special}
+    return next((i for i in tail if i in special), None)
+
+
+def check_generation_prompt(tokenizer) -> None:
+    """USE_CHAT_TEMPLATE needs a template that opens the assistant's turn
+    (add_generation_prompt)."""
+    messages = [{"role": "user", "content": "x"}]
+    with_prompt = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                add_generation_prompt=True)
+    if with_prompt == tokenizer.apply_chat_template(messages, tokenize=False):
+        raise ConfigError("ACTOR_MODEL's chat template adds no generation prompt "
+                          "(add_generation_prompt changes nothing), so responses would continue "
+                          "the user's turn. Use a template that opens the assistant's turn, or set "
+                          "USE_CHAT_TEMPLATE = False.")
+
+
+def response_texts(tokenizer, prompt_ids: List[List[int]],
+                   response_ids: List[List[int]]) -> List[str]:
+    """Each response decoded after its prompt and cut off that prompt's own decode: the boundary
+    keeps the space the tokenizer puts there (SentencePiece and word-level decoders drop a first
+    token's leading space when a response is decoded alone, which glued "was" + "very" into
+    "wasvery")."""
+    def decode(ids):
+        return tokenizer.batch_decode(ids, skip_special_tokens=True,
+                                      clean_up_tokenization_spaces=False)
+    prompts = decode(prompt_ids)
+    joint = decode([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)])
+    texts = [j[len(p):] if j.startswith(p) else None for p, j in zip(prompts, joint)]
+    alone = decode([r for r, text in zip(response_ids, texts) if text is None])
+    return [text if text is not None else alone.pop(0) for text in texts]
+
+
+def reward_input_limit(tokenizer, model: nn.Module) -> Optional[int]:
+    """The longest input the reward model takes (learned positions end there); None when
+    unbounded."""
+    config = model.config
+    limits = [getattr(config, "max_position_embeddings", None) or
+              getattr(config, "n_positions", None),
+              tokenizer.model_max_length if tokenizer.model_max_length < 1e9 else None]
+    limits = [n for n in limits if n]
+    return min(limits) if limits else None
+
+
 def base_model(model: nn.Module) -> nn.Module:
     """The transformer under a task head (`model.model` for Llama, `model.transformer` for
     GPT-2)."""
@@ -1033,7 +1089,15 @@ def load_tokenizers(cfg: Config):
     tokenizer = load_tokenizer("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)
     tokenizer.padding_side = "left"
     reward_tokenizer = load_tokenizer("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
+    reward_tokenizer.truncation_side = "left"          # an over-long input keeps the response
     stop_ids = stop_token_ids(tokenizer, policy_path, policy_config, cfg.STOP_TOKENS)
+    if cfg.USE_CHAT_TEMPLATE and tokenizer.chat_template:
+        check_generation_prompt(tokenizer)
+        turn_end = template_turn_end(tokenizer)
+        if turn_end is not None and turn_end not in stop_ids:
+            logger.info("The chat template ends a turn with "
+                        f"{tokenizer.convert_ids_to_tokens(turn_end)!r}: it ends a response too.")
+            stop_ids = torch.cat([stop_ids, torch.tensor([turn_end])]).sort().values
     if cfg.ADVANTAGE_ESTIMATOR == "gae":
         _, critic_config = load_model_config("CRITIC_MODEL", cfg.CRITIC_MODEL, cfg)
         critic_vocab = vocab_size(critic_config)
@@ -1047,9 +1111,9 @@ def load_tokenizers(cfg: Config):
 
 
 def load_models(cfg: Config, backend: "Backend", checkpoint: Optional[Path]) -> Models:
-    """Policy and critic (trained, float32 master weights, from the checkpoint when resuming),
-    reference and reward model (frozen, in the mixed-precision dtype), one AdamW over both trained
-    models, prepared."""
+    """Policy and critic (trained, float32 master weights, from the checkpoint when resuming), the
+    frozen reference (float32 like the policy; under LoRA the policy's base) and reward model (in
+    the mixed-precision dtype), one AdamW over both trained models, prepared."""
     tokenizer, reward_tokenizer, stop_ids = load_tokenizers(cfg)
     frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(backend.mixed_precision,
                                                                        torch.float32)
@@ -1060,7 +1124,8 @@ def load_models(cfg: Config, backend: "Backend", checkpoint: Optional[Path]) -> 
     else:
         start = str(checkpoint / "policy") if checkpoint else cfg.ACTOR_MODEL
         policy = load_causal_lm("ACTOR_MODEL", start, cfg, torch.float32)
-        frozen = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, frozen_dtype)
+        # float32 like the policy: both then take one numeric path under autocast (KL 0 at step 0)
+        frozen = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, torch.float32)
         reference = Reference(frozen.requires_grad_(False).eval(), adapters_off=False)
     critic = None
     if cfg.ADVANTAGE_ESTIMATOR == "gae":
@@ -1496,6 +1561,10 @@ class Backend:
 
     def prepare(self, model: nn.Module, optimizer):
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # accelerate wraps the forward to return float32 outputs under mixed precision: the update
+        # would keep an fp32 copy of the (B, T, V) logits and its gradient. Every call enters
+        # autocast itself, so the plain forward is kept.
+        self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
         return self.model, self.optimizer
 
     def autocast(self):
@@ -1671,6 +1740,8 @@ class PPOTrainer:
         self.plan: Optional[Plan] = None
         self.references: Dict[str, str] = {}       # prompt -> the dataset's reference output
         self.prompt_ids: Dict[str, List[int]] = {}
+        self.prompt_texts: Dict[str, str] = {}      # prompt -> the text the policy conditions on
+        self.prompt_contents: Dict[str, str] = {}   # prompt -> content as kept (MAX_PROMPT_LENGTH)
         self.eval_samples: List[dict] = []
         self.stop_request = StopRequest()
         self.files = RunFiles(cfg, self.output_dir, self.is_main, self.log_path)
@@ -1680,6 +1751,7 @@ class PPOTrainer:
             models.tokenizer, models.reward_tokenizer, models.stop_ids)
         self.model, self.optimizer, self.ref, self.reward_model = (
             models.model, models.optimizer, models.ref, models.reward_model)
+        self.reward_max_length = reward_input_limit(self.reward_tokenizer, self.reward_model)
         if saved is not None:
             self.state = restore_checkpoint(saved, self.checkpoint, cfg, self.backend)
 
@@ -1705,23 +1777,44 @@ class PPOTrainer:
             model.to("cpu")
 
     def prepare_prompts(self, prompts: Sequence[str]) -> None:
-        """Tokenize prompts once (chat template, MAX_PROMPT_LENGTH) into self.prompt_ids."""
+        """Tokenize prompts once into self.prompt_ids: the content inside the chat template (or
+        after the tokenizer's BOS), and when that is longer than MAX_PROMPT_LENGTH the content is
+        cut from the left, so BOS and the template's header survive. What the policy then sees is
+        kept for the reward model: self.prompt_texts (as rendered) and self.prompt_contents (the
+        content)."""
         new = [p for p in dict.fromkeys(prompts) if p not in self.prompt_ids]
         if not new:
             return
-        tok = self.tokenizer
-        if self.cfg.USE_CHAT_TEMPLATE and tok.chat_template:
-            texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                             add_generation_prompt=True) for p in new]
-            encoded = tok(texts, add_special_tokens=False)["input_ids"]
-        else:
-            encoded = tok(new, add_special_tokens=True)["input_ids"]
-        limit = self.cfg.MAX_PROMPT_LENGTH
-        too_long = sum(len(ids) > limit for ids in encoded)
+        limit, too_long = self.cfg.MAX_PROMPT_LENGTH, 0
+        for prompt, (ids, text) in zip(new, self.encode_prompts(new)):
+            content = prompt
+            if len(ids) > limit:
+                too_long += 1
+                content_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                keep = len(content_ids) - (len(ids) - limit)      # the template's tokens stay
+                # re-encoding may merge differently
+                while len(ids) > limit and keep > 0:
+                    content = self.tokenizer.decode(content_ids[-keep:], skip_special_tokens=True)
+                    (ids, text), keep = self.encode_prompts([content])[0], keep - 1
+                if len(ids) > limit:
+                    raise ConfigError(f"MAX_PROMPT_LENGTH = {limit} leaves no room for a prompt: "
+                                      "the chat template and special tokens alone take "
+                                      f"{len(ids)} tokens.")
+            self.prompt_ids[prompt], self.prompt_texts[prompt] = ids, text
+            self.prompt_contents[prompt] = content
         if too_long:
             logger.warning(f"{too_long} of {len(new)} prompts are longer than MAX_PROMPT_LENGTH = "
-                           f"{limit} tokens; they keep their last tokens.")
-        self.prompt_ids.update((p, ids[-limit:]) for p, ids in zip(new, encoded))
+                           f"{limit} tokens; their content keeps its last tokens (the chat "
+                           "template and BOS are kept whole).")
+
+    def encode_prompts(self, contents: List[str]) -> List[Tuple[List[int], str]]:
+        """(token ids, text) the policy conditions on for each prompt content."""
+        tok = self.tokenizer
+        if not (self.cfg.USE_CHAT_TEMPLATE and tok.chat_template):
+            return list(zip(tok(contents, add_special_tokens=True)["input_ids"], contents))
+        texts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                         add_generation_prompt=True) for c in contents]
+        return list(zip(tok(texts, add_special_tokens=False)["input_ids"], texts))
 
     def make_plan(self, n_prompts: int) -> Plan:
         cfg, world = self.cfg, self.backend.world
@@ -1781,9 +1874,8 @@ class PPOTrainer:
             responses += [row[:n].tolist() for row, n in zip(generated, lengths.tolist())]
             has_eos += has_stop.tolist()
         policy.train()
-        texts = self.tokenizer.batch_decode(
-            [r[:-1] if eos else r for r, eos in zip(responses, has_eos)],
-            skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        texts = response_texts(self.tokenizer, queries,
+                               [r[:-1] if eos else r for r, eos in zip(responses, has_eos)])
         query_ids, query_mask = pad_left(queries, pad)
         response_ids, response_mask = pad_right(responses, pad)
         to = self.device
@@ -1804,17 +1896,20 @@ class PPOTrainer:
         """Batched reward-model scores (B,): its own tokenizer and chat template, read at the last
         real token."""
         tok = self.reward_tokenizer
-        if tok.chat_template:
-            texts = [tok.apply_chat_template([{"role": "user", "content": p},
-                                              {"role": "assistant", "content": r}],
+        if tok.chat_template:            # its own template separates the turns
+            texts = [tok.apply_chat_template([{"role": "user",
+                                               "content": self.prompt_contents.get(p, p)},
+                                              {"role": "assistant", "content": r.lstrip()}],
                                              tokenize=False) for p, r in zip(prompts, responses)]
-        else:
-            texts = [p + r for p, r in zip(prompts, responses)]
+        else:                            # the text the policy conditioned on, then what it wrote
+            texts = [self.prompt_texts.get(p, p) + r for p, r in zip(prompts, responses)]
         scores = []
         chunk = self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE
         for start in range(0, len(texts), chunk):
             enc = tok(texts[start:start + chunk], padding=True, return_tensors="pt",
-                      add_special_tokens=not tok.chat_template).to(self.device)
+                      add_special_tokens=not tok.chat_template,
+                      truncation=self.reward_max_length is not None,
+                      max_length=self.reward_max_length).to(self.device)
             with self.backend.autocast():
                 scores.append(sequence_scores(self.reward_model, enc["input_ids"],
                                               enc["attention_mask"]))
@@ -1831,9 +1926,8 @@ class PPOTrainer:
                 torch.tensor([r is not None for r in refs], device=self.device))
 
     def rewards_of(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
-        """compute_rewards with the reward model in place, checked: (B,) float32."""
-        with self.on_device(self.reward_model):
-            scores = self.compute_rewards(prompts, responses)
+        """compute_rewards, checked: (B,) float32 (the caller has placed the reward model)."""
+        scores = self.compute_rewards(prompts, responses)
         scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).to(self.device)
         if len(scores) != len(responses):
             raise TrainingError(f"compute_rewards returned {len(scores)} scores for "
@@ -1847,7 +1941,8 @@ class PPOTrainer:
         MISSING_EOS_PENALTY for responses that never stopped. Returns (scores (B,), the running
         reward moments to keep when REWARD_NORMALIZATION is on (else None), metrics)."""
         cfg = self.cfg
-        model_scores = self.rewards_of(rollout.prompts, rollout.responses)
+        with self.on_device(self.reward_model):
+            model_scores = self.rewards_of(rollout.prompts, rollout.responses)
         correct, has_ref = self.reference_matches(rollout.prompts, rollout.responses)
         scores = model_scores + cfg.REFERENCE_REWARD * correct
         total, total_sq, count, n_correct, n_ref = self.backend.all_sum(torch.stack([
@@ -2074,22 +2169,23 @@ class PPOTrainer:
         response length, EOS rate. Override to add metrics: eval_metrics["custom_metric"] = ...;
         logged as eval/<name>."""
         prompts, real = shard(eval_prompts, self.backend.rank, self.backend.world)
+        starts = range(0, len(prompts), self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE)
+        generations = [self.generate_response(prompts[s:s +
+                                                      self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE],
+                                              do_sample=not self.cfg.EVAL_GREEDY) for s in starts]
+        with self.on_device(self.reward_model):             # placed once for the whole evaluation
+            rewards = [self.rewards_of(g.prompts, g.responses) for g in generations]
         sums = torch.zeros(6, device=self.device)    # reward, length, eos, correct, has_ref, count
-        chunk = self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE
-        for start in range(0, len(prompts), chunk):
-            batch = prompts[start:start + chunk]
-            counted = (torch.arange(start, start + len(batch), device=self.device) < real).float()
-            generation = self.generate_response(batch, do_sample=not self.cfg.EVAL_GREEDY)
-            rewards = self.rewards_of(batch, generation.responses)
-            correct, has_ref = self.reference_matches(batch, generation.responses)
-            rows = torch.stack([rewards, generation.response_mask.sum(1).float(),
+        for start, generation, reward in zip(starts, generations, rewards):
+            counted = (torch.arange(start, start + len(reward), device=self.device) < real).float()
+            correct, has_ref = self.reference_matches(generation.prompts, generation.responses)
+            rows = torch.stack([reward, generation.response_mask.sum(1).float(),
                                 generation.has_eos.float(), correct, has_ref.float(),
-                                torch.ones_like(rewards)])
+                                torch.ones_like(reward)])
             sums += (rows * counted).sum(1)
-            if start == 0:
-                self.eval_samples = [
-                    {"prompt": p, "response": r, "reward": float(s)} for p, r, s in
-                    zip(batch[:real], generation.responses, rewards)][:self.cfg.NUM_SAMPLES_TO_LOG]
+        self.eval_samples = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in
+                             zip(prompts[:real], generations[0].responses, rewards[0])
+                             ][:self.cfg.NUM_SAMPLES_TO_LOG]
         reward, length, eos, correct, has_ref, count = self.backend.all_sum(sums).tolist()
         metrics = {"reward": reward / count, "response_length": length / count,
                    "eos_rate": eos / count}

@@ -122,6 +122,16 @@ def make_trainer(tiny, tmp_path):
     return build
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process, as in a user's run; a test with another
+    MIXED_PRECISION than the tests before it starts from a fresh one and leaves a fresh one."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
 
 

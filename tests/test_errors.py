@@ -673,16 +673,6 @@ def accelerator_with_cpu_grad_scaler(*args, **kwargs):
     return accelerator
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """accelerate keeps one AcceleratorState per process, as in a user's run; a test with another
-    MIXED_PRECISION than the tests before it starts from a fresh one and leaves a fresh one."""
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state()
-    yield
-    AcceleratorState._reset_state()
-
-
 def test_fp16_overflow_lowers_the_loss_scale_and_a_resume_keeps_it(tiny, tmp_path, capsys, monkeypatch,
                                                                    fresh_accelerator_state):
     """A skipped fp16 step must back off the loss scale, or the next unscale raises (the scaler was never

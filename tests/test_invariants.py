@@ -183,7 +183,7 @@ def test_long_prompts_keep_their_end_with_one_warning(make_trainer, caplog):
     warnings = [r for r in caplog.records if "MAX_PROMPT_LENGTH" in r.getMessage()]
     assert len(warnings) == 1 and "4 of 5 prompts" in warnings[0].getMessage()
     full = trainer.tokenizer(PROMPTS[1])["input_ids"]
-    assert trainer.prompt_ids[PROMPTS[1]] == full[-5:]
+    assert trainer.prompt_ids[PROMPTS[1]] == full[:1] + full[-4:]          # BOS, then the content's end
 
 
 def test_reusing_the_first_pass_changes_nothing(make_trainer, tmp_path):
