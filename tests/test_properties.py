@@ -130,7 +130,7 @@ class Recorder(ppo.PPOTrainer):
         return torch.where(torch.arange(len(scores)) == 0, torch.nan, scores) if self.poison else scores
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(**STEP_CASES)
 def test_each_step_is_right_whatever_the_settings(random_models, tiny, tmp_path_factory, tail, nan_step, **drawn):
     """On every drawn case, through train_step on this process's prompts for a whole epoch:
@@ -206,8 +206,8 @@ def check_accumulation(trainer, prompts):
 
     split, whole = gradients(micro_batches), gradients([torch.cat(micro_batches)])
     assert len(split) == len(whole) > 0
-    for a, b in zip(split, whole):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    for a, b in zip(split, whole):           # float32 sums in another order: tolerance on each tensor's scale
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()) + 1e-8, rtol=1e-4)
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
@@ -226,7 +226,7 @@ trainer.accelerator.end_training()
 """
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(tail=st.integers(1, 7), gas=st.integers(1, 2), minibatches=st.integers(1, 2), n_eval=st.integers(1, 3),
        estimator=st.sampled_from(["gae", "grpo"]), mixed_references=st.booleans())
 def test_two_processes_agree_on_every_tail(random_models, tiny, tmp_path_factory, tail, gas, minibatches, n_eval,
