@@ -1752,6 +1752,8 @@ class PPOTrainer:
         self.model, self.optimizer, self.ref, self.reward_model = (
             models.model, models.optimizer, models.ref, models.reward_model)
         self.reward_max_length = reward_input_limit(self.reward_tokenizer, self.reward_model)
+        bos = self.reward_tokenizer.bos_token_id
+        self.reward_adds_bos = bos is not None and self.reward_tokenizer("x")["input_ids"][:1] == [bos]
         if saved is not None:
             self.state = restore_checkpoint(saved, self.checkpoint, cfg, self.backend)
 
@@ -1903,6 +1905,8 @@ class PPOTrainer:
                                              tokenize=False) for p, r in zip(prompts, responses)]
         else:                            # the text the policy conditioned on, then what it wrote
             texts = [self.prompt_texts.get(p, p) + r for p, r in zip(prompts, responses)]
+            if self.reward_adds_bos:     # a template's BOS as text: the tokenizer adds its own
+                texts = [text.removeprefix(tok.bos_token) for text in texts]
         scores = []
         chunk = self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE
         for start in range(0, len(texts), chunk):
