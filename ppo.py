@@ -904,6 +904,17 @@ def stop_token_ids(tokenizer, path: str, config, stop_tokens: List[str]) -> torc
     return torch.tensor(sorted(ids))
 
 
+def encode_prompts(tokenizer, contents: List[str],
+                   use_template: bool) -> List[Tuple[List[int], str]]:
+    """(token ids, text) the policy conditions on for each prompt content: inside its chat template
+    (which writes any BOS itself), or after the BOS the tokenizer adds."""
+    if not (use_template and tokenizer.chat_template):
+        return list(zip(tokenizer(contents, add_special_tokens=True)["input_ids"], contents))
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                           add_generation_prompt=True) for c in contents]
+    return list(zip(tokenizer(texts, add_special_tokens=False)["input_ids"], texts))
+
+
 def template_turn_end(tokenizer) -> Optional[int]:
     """The special token the chat template writes right after an assistant's message (<|im_end|>,
     <|eot_id|>, <end_of_turn>, ...), or None: a base model with a chat template may have another
@@ -1161,6 +1172,20 @@ def check_learning_rate(policy: nn.Module, cfg: Config) -> None:
                        f"for a {billions:.1f}B-parameter policy; PPO is likely to diverge.")
 
 
+@contextlib.contextmanager
+def placed(model: nn.Module, device, offload: bool):
+    """With OFFLOAD_REF_AND_REWARD, a frozen model moves to the accelerator only while it runs
+    (not a LoRA policy's base, which is trained around)."""
+    if not offload or any(p.requires_grad for p in model.parameters()):
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to("cpu")
+
+
 def write_policy(policy: nn.Module, tokenizer, folder: Path, adapter_folder: Path,
                  cfg: Config) -> None:
     """A folder AutoModelForCausalLM.from_pretrained loads; under LoRA the adapters go to
@@ -1380,6 +1405,27 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     optimizer_steps: int
+
+
+def make_plan(n_prompts: int, cfg: Config, world: int) -> Plan:
+    """The sizes of a run over n_prompts training prompts on `world` processes, logged once."""
+    per_step = cfg.BATCH_SIZE * cfg.GRADIENT_ACCUMULATION_STEPS * cfg.NUM_MINI_BATCHES * world
+    steps_per_epoch = math.ceil(n_prompts / per_step)
+    total = steps_per_epoch * cfg.NUM_EPOCHES
+    total = min(total, cfg.MAX_STEPS) if cfg.MAX_STEPS else total
+    plan = Plan(n_prompts, per_step, steps_per_epoch, total,
+                total * cfg.GROUP_EPOCHES * cfg.NUM_MINI_BATCHES)
+    tail = n_prompts % per_step
+    if tail:
+        logger.info(f"The last step of each epoch has {tail} new prompts; it repeats the first "
+                    f"{per_step - tail} of the epoch's order, so every step has {per_step} "
+                    "prompts.")
+    logger.info(f"{n_prompts} training prompts; per PPO step {per_step} prompts x "
+                f"{cfg.GROUP_SIZE} responses on {world} process(es); {steps_per_epoch} steps "
+                f"per epoch x {cfg.NUM_EPOCHES} epochs = {total} steps; "
+                f"{plan.optimizer_steps} optimizer steps ({cfg.GROUP_EPOCHES} PPO epochs x "
+                f"{cfg.NUM_MINI_BATCHES} minibatches per step)")
+    return plan
 
 
 def eval_metric_in_use(cfg: Config) -> bool:
@@ -1753,7 +1799,8 @@ class PPOTrainer:
             models.model, models.optimizer, models.ref, models.reward_model)
         self.reward_max_length = reward_input_limit(self.reward_tokenizer, self.reward_model)
         bos = self.reward_tokenizer.bos_token_id
-        self.reward_adds_bos = bos is not None and self.reward_tokenizer("x")["input_ids"][:1] == [bos]
+        self.reward_adds_bos = (bos is not None
+                                and self.reward_tokenizer("x")["input_ids"][:1] == [bos])
         if saved is not None:
             self.state = restore_checkpoint(saved, self.checkpoint, cfg, self.backend)
 
@@ -1765,19 +1812,6 @@ class PPOTrainer:
     def critic(self) -> Optional[nn.Module]:
         return self.accelerator.unwrap_model(self.model).critic
 
-    @contextlib.contextmanager
-    def on_device(self, model: nn.Module):
-        """With OFFLOAD_REF_AND_REWARD, move a frozen model to the accelerator only while it
-        runs."""
-        if not self.cfg.OFFLOAD_REF_AND_REWARD or any(p.requires_grad for p in model.parameters()):
-            yield model                         # only frozen models move (not a LoRA policy's base)
-            return
-        model.to(self.device)
-        try:
-            yield model
-        finally:
-            model.to("cpu")
-
     def prepare_prompts(self, prompts: Sequence[str]) -> None:
         """Tokenize prompts once into self.prompt_ids: the content inside the chat template (or
         after the tokenizer's BOS), and when that is longer than MAX_PROMPT_LENGTH the content is
@@ -1787,17 +1821,18 @@ class PPOTrainer:
         new = [p for p in dict.fromkeys(prompts) if p not in self.prompt_ids]
         if not new:
             return
+        tok, template = self.tokenizer, self.cfg.USE_CHAT_TEMPLATE
         limit, too_long = self.cfg.MAX_PROMPT_LENGTH, 0
-        for prompt, (ids, text) in zip(new, self.encode_prompts(new)):
+        for prompt, (ids, text) in zip(new, encode_prompts(tok, new, template)):
             content = prompt
             if len(ids) > limit:
                 too_long += 1
-                content_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                content_ids = tok(prompt, add_special_tokens=False)["input_ids"]
                 keep = len(content_ids) - (len(ids) - limit)      # the template's tokens stay
                 # re-encoding may merge differently
                 while len(ids) > limit and keep > 0:
-                    content = self.tokenizer.decode(content_ids[-keep:], skip_special_tokens=True)
-                    (ids, text), keep = self.encode_prompts([content])[0], keep - 1
+                    content = tok.decode(content_ids[-keep:], skip_special_tokens=True)
+                    (ids, text), keep = encode_prompts(tok, [content], template)[0], keep - 1
                 if len(ids) > limit:
                     raise ConfigError(f"MAX_PROMPT_LENGTH = {limit} leaves no room for a prompt: "
                                       "the chat template and special tokens alone take "
@@ -1808,35 +1843,6 @@ class PPOTrainer:
             logger.warning(f"{too_long} of {len(new)} prompts are longer than MAX_PROMPT_LENGTH = "
                            f"{limit} tokens; their content keeps its last tokens (the chat "
                            "template and BOS are kept whole).")
-
-    def encode_prompts(self, contents: List[str]) -> List[Tuple[List[int], str]]:
-        """(token ids, text) the policy conditions on for each prompt content."""
-        tok = self.tokenizer
-        if not (self.cfg.USE_CHAT_TEMPLATE and tok.chat_template):
-            return list(zip(tok(contents, add_special_tokens=True)["input_ids"], contents))
-        texts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
-                                         add_generation_prompt=True) for c in contents]
-        return list(zip(tok(texts, add_special_tokens=False)["input_ids"], texts))
-
-    def make_plan(self, n_prompts: int) -> Plan:
-        cfg, world = self.cfg, self.backend.world
-        per_step = cfg.BATCH_SIZE * cfg.GRADIENT_ACCUMULATION_STEPS * cfg.NUM_MINI_BATCHES * world
-        steps_per_epoch = math.ceil(n_prompts / per_step)
-        total = steps_per_epoch * cfg.NUM_EPOCHES
-        total = min(total, cfg.MAX_STEPS) if cfg.MAX_STEPS else total
-        plan = Plan(n_prompts, per_step, steps_per_epoch, total,
-                    total * cfg.GROUP_EPOCHES * cfg.NUM_MINI_BATCHES)
-        tail = n_prompts % per_step
-        if tail:
-            logger.info(f"The last step of each epoch has {tail} new prompts; it repeats the first "
-                        f"{per_step - tail} of the epoch's order, so every step has {per_step} "
-                        "prompts.")
-        logger.info(f"{n_prompts} training prompts; per PPO step {per_step} prompts x "
-                    f"{cfg.GROUP_SIZE} responses on {world} process(es); {steps_per_epoch} steps "
-                    f"per epoch x {cfg.NUM_EPOCHES} epochs = {total} steps; "
-                    f"{plan.optimizer_steps} optimizer steps ({cfg.GROUP_EPOCHES} PPO epochs x "
-                    f"{cfg.NUM_MINI_BATCHES} minibatches per step)")
-        return plan
 
     # -- the rollout: one PPO step's experience ----------------------------------------------------
     def generation_config(self, do_sample: bool, max_new_tokens: int):
@@ -1945,7 +1951,7 @@ class PPOTrainer:
         MISSING_EOS_PENALTY for responses that never stopped. Returns (scores (B,), the running
         reward moments to keep when REWARD_NORMALIZATION is on (else None), metrics)."""
         cfg = self.cfg
-        with self.on_device(self.reward_model):
+        with placed(self.reward_model, self.device, self.cfg.OFFLOAD_REF_AND_REWARD):
             model_scores = self.rewards_of(rollout.prompts, rollout.responses)
         correct, has_ref = self.reference_matches(rollout.prompts, rollout.responses)
         scores = model_scores + cfg.REFERENCE_REWARD * correct
@@ -1981,7 +1987,8 @@ class PPOTrainer:
         """log pi_ref of every response token (B, T), the reference placed once for the whole
         rollout."""
         logprobs = torch.zeros(rollout.response_ids.shape, device=self.device)
-        with self.on_device(self.ref), self.backend.autocast():
+        offload = self.cfg.OFFLOAD_REF_AND_REWARD
+        with placed(self.ref, self.device, offload), self.backend.autocast():
             for idx in torch.arange(len(rollout)).split(self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE):
                 rows = rollout.select(idx)
                 t = rows.response_ids.shape[1]
@@ -2177,7 +2184,8 @@ class PPOTrainer:
         generations = [self.generate_response(prompts[s:s +
                                                       self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE],
                                               do_sample=not self.cfg.EVAL_GREEDY) for s in starts]
-        with self.on_device(self.reward_model):             # placed once for the whole evaluation
+        # placed once for the whole evaluation
+        with placed(self.reward_model, self.device, self.cfg.OFFLOAD_REF_AND_REWARD):
             rewards = [self.rewards_of(g.prompts, g.responses) for g in generations]
         sums = torch.zeros(6, device=self.device)    # reward, length, eos, correct, has_ref, count
         for start, generation, reward in zip(starts, generations, rewards):
@@ -2233,7 +2241,7 @@ class PPOTrainer:
                               "early stopping or the plateau schedule, but EVAL_DATASETS is empty: "
                               "add an evaluation set, or set EARLY_STOPPING_PATIENCE = 0.")
         self.prepare_prompts(list(train_prompts) + eval_prompts)
-        self.plan = self.make_plan(len(train_prompts))
+        self.plan = make_plan(len(train_prompts), self.cfg, self.backend.world)
         self.files.open(self.state.global_step if self.checkpoint else None)
         try:
             with self.stop_request:

@@ -287,7 +287,7 @@ def run_ours(args):
     trainer = ppo.PPOTrainer(**settings)
     trainer.references.update(references)
     trainer.prepare_prompts([p for batch in batches for p in batch])
-    trainer.plan = trainer.make_plan(len(batches) * args.prompts)
+    trainer.plan = ppo.make_plan(len(batches) * args.prompts, trainer.cfg, trainer.backend.world)
     dev, seen = trainer.device, {}
     generate_response = trainer.generate_response
 

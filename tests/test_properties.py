@@ -3,8 +3,6 @@ pass and the data tail policy as pure functions (hundreds of cases); the whole P
 high-entropy model (a few dozen); two processes over gloo (a handful), each with a timeout so a hang fails."""
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -149,7 +147,7 @@ def test_each_step_is_right_whatever_the_settings(random_models, tiny, tmp_path_
     prompts, _, references = ppo.load_data(trainer.cfg)
     trainer.references.update(references)
     prompts = prompts[:n_prompts]
-    trainer.plan = trainer.make_plan(len(prompts))
+    trainer.plan = ppo.make_plan(len(prompts), trainer.cfg, trainer.backend.world)
     order = ppo.epoch_order(len(prompts), 0, 0)
     keys, position, step = None, 0, 0
     while position < len(prompts):
