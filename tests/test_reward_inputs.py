@@ -136,8 +136,15 @@ def test_a_template_without_a_generation_prompt_is_an_error(tiny, tmp_path, caps
     (tmp_path / "run.json").write_text(__import__("json").dumps(settings))
     assert ppo.train_main([str(tmp_path / "run.json")]) == 2
     err = capsys.readouterr().err
-    assert "Error:" in err and "generation prompt" in err and "USE_CHAT_TEMPLATE = False" in err
+    assert "Error:" in err and "opens the assistant's turn" in err and "USE_CHAT_TEMPLATE = False" in err
     assert "Traceback" not in err and not (tmp_path / "out" / "checkpoints").exists()
+    llama2 = word_tokenizer(chat_template="{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+                                          "{{ m['content'] }} [/INST]{% else %} {{ m['content'] }}{% endif %}"
+                                          "{% endfor %}")        # no generation prompt, but [/INST] closes
+    policy, _ = family(tmp_path, "inst", llama2)
+    trainer = ppo.PPOTrainer(**tiny_settings(tiny, tmp_path / "inst_out", ACTOR_MODEL=policy))
+    trainer.prepare_prompts(["What is 3 + 4?"])
+    assert trainer.prompt_texts["What is 3 + 4?"] == "[INST] What is 3 + 4? [/INST]"
 
 
 def test_under_bf16_the_reference_takes_the_policys_numeric_path(make_trainer, fresh_accelerator_state):
