@@ -115,11 +115,28 @@ PLATEAU_PATIENCE = 2                # ... after this many evaluations without im
 # PPO
 TEMPERATURE = 1.0                   # T: sampling temperature; every logprob uses logits / T
 CLIP_RANGE = 0.2                    # epsilon: the ratio pi/pi_old is clipped to [1 - eps, 1 + eps]
+CLIP_RANGE_LOW = None               # eps_low: lower clip 1 - eps_low (None = CLIP_RANGE)
+CLIP_RANGE_HIGH = None              # eps_high: upper clip 1 + eps_high (None = CLIP_RANGE); DAPO's
+                                    # clip-higher (arXiv 2503.14476): 0.28 with eps_low 0.2
+DUAL_CLIP = 0.0                     # c > 1: a token with A < 0 loses at most -c * A (Ye et al.
+                                    # 2020, arXiv 1912.09729; 3.0 is usual); 0 = off
+POLICY_LOSS = "ppo"                 # "ppo": token ratio, clipped | "gspo": one ratio per sequence,
+                                    # the geometric mean of its tokens' (GSPO, arXiv 2507.18071; its
+                                    # ranges are ~3e-4 / 4e-4) | "cispo": clipped ratio as a stop-
+                                    # gradient weight on log pi (MiniMax-M1, arXiv 2506.13585)
+LOSS_AGGREGATION = "token-mean"     # token losses -> minibatch loss: "token-mean" |
+                                    # "seq-mean-token-mean" (GRPO paper) | "seq-mean-token-sum" |
+                                    # "seq-mean-token-sum-norm" (Dr. GRPO, arXiv 2503.20783:
+                                    # token sums / (sequences x MAX_NEW_TOKENS))
 CLIP_RANGE_VALUE = 0.2              # epsilon_v: V is clipped to V_old +- epsilon_v (reward units)
 VALUE_LOSS_COEF = 0.5               # c1: loss += c1 * value loss (see deviation 6)
 ENTROPY_COEF = 0.01                 # c2: loss -= c2 * mean token entropy (0 for most large models)
 KL_COEF = 0.05                      # beta: r_t = -beta * KL_t (the start value when ADAPTIVE_KL)
-KL_ESTIMATOR = "k1"                 # "k1": d = logp - logp_ref, unbiased | "k3": e^-d - 1 + d, >= 0
+KL_ESTIMATOR = "k1"                 # "k1": d = logp - logp_ref, unbiased | "k2": d^2 / 2 |
+                                    # "k3": e^-d - 1 + d, >= 0, unbiased
+KL_IN_LOSS = False                  # the KL leaves the reward (KL_COEF unused) and enters the loss
+                                    # as KL_LOSS_COEF * KL_ESTIMATOR (GRPO, arXiv 2402.03300: k3)
+KL_LOSS_COEF = 0.04                 # weight of the KL term in the loss with KL_IN_LOSS (GRPO: 0.04)
 ADAPTIVE_KL = False                 # Ziegler et al.'s controller: beta moves to ADAPTIVE_KL_TARGET
 ADAPTIVE_KL_TARGET = 6.0            # target KL per response, nats
 ADAPTIVE_KL_HORIZON = 10000         # responses over which beta may change by ~20%
@@ -128,6 +145,11 @@ LAM = 0.95                          # GAE lambda
 MISSING_EOS_PENALTY = 1.0           # subtracted from the score of a response with no EOS (0 = off)
 REWARD_NORMALIZATION = False        # scale scores by a running mean / std (kept in checkpoints)
 REWARD_CLIP = 0.0                   # clip (normalised) scores to +- this (0 = off)
+OVERLONG_BUFFER = 0                 # DAPO's soft overlong penalty: over the last N tokens before
+OVERLONG_PENALTY = 1.0              # MAX_NEW_TOKENS, the score falls linearly by up to this
+                                    # (OVERLONG_BUFFER = 0: off)
+DYNAMIC_SAMPLING = False            # train only on groups whose scores differ (DAPO); the others
+                                    # have zero group advantage and would only dilute the gradient
 REFERENCE_REWARD = 0.0              # + this to the score when the dataset output matches (0 = off)
 ANSWER_MATCH = "last_number"        # answer rule: "last_number" (math) | "exact" | "contains"
 STOP_TOKENS = []                    # tokens that end a response besides EOS, e.g. ["<|im_end|>"]
@@ -142,7 +164,9 @@ SAVE_EVERY_N_STEPS = 50             # write OUTPUT_DIR/checkpoints/step_N every 
 SAVE_TOTAL_LIMIT = 0                # keep the newest N checkpoints, plus the best (0 = keep all)
 RESUME = "ask"                      # "ask" ("yes" if no terminal) | "yes" (latest) | "no" | a path
 EARLY_STOPPING_PATIENCE = 0         # stop after N evaluations without improvement (0 = off)
-EARLY_STOPPING_METRIC = "eval/reward"  # higher is better; e.g. "eval/accuracy"
+EARLY_STOPPING_METRIC = "eval/reward"  # higher is better; e.g. "eval/accuracy". The policy of
+                                    # its best evaluation is kept in OUTPUT_DIR/best (rewritten at
+                                    # each improvement, early stopping on or off)
 EARLY_STOPPING_MIN_DELTA = 0.0      # smallest change that counts as an improvement
 
 # Logging
@@ -153,8 +177,8 @@ WANDB_RUN_NAME = None               # None = the name of OUTPUT_DIR
 
 # Memory and scale (several GPUs: `accelerate launch ppo.py` or
 # `torchrun --nproc_per_node N ppo.py`)
-ADVANTAGE_ESTIMATOR = "gae"         # "gae" (critic) | "grpo" | "rloo" | "reinforce++": no critic,
-                                    # the GROUP_SIZE responses are the baseline
+ADVANTAGE_ESTIMATOR = "gae"         # "gae" (critic) | "grpo" | "dr_grpo" | "rloo" | "reinforce++":
+                                    # no critic, the GROUP_SIZE responses are the baseline
 USE_LORA = False                    # train LoRA adapters (peft); reference = base with adapters off
 LORA_R = 16                         # adapter rank r
 LORA_ALPHA = 32                     # adapter scale alpha (the update is scaled by alpha / r)
@@ -174,12 +198,16 @@ CONFIG_KEYS = tuple(name for name in list(globals()) if name.isupper())
 # ---------------------------------------------------------------------------------------------
 CHOICES = {
     "LR_SCHEDULER_TYPE": ("cosine", "linear", "constant", "plateau"),
-    "KL_ESTIMATOR": ("k1", "k3"),
+    "KL_ESTIMATOR": ("k1", "k2", "k3"),
+    "POLICY_LOSS": ("ppo", "gspo", "cispo"),
+    "LOSS_AGGREGATION": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                         "seq-mean-token-sum-norm"),
     "ANSWER_MATCH": ("last_number", "exact", "contains"),
     "DEVICE": ("auto", "cpu"),
     "MIXED_PRECISION": ("auto", "bf16", "fp16", "no"),
-    "ADVANTAGE_ESTIMATOR": ("gae", "grpo", "rloo", "reinforce++"),
+    "ADVANTAGE_ESTIMATOR": ("gae", "grpo", "dr_grpo", "rloo", "reinforce++"),
 }
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")      # one advantage per response, from its group
 MODEL_KEYS = ("ACTOR_MODEL", "CRITIC_MODEL", "REWARD_MODEL")
 STRUCTURE_KEYS = MODEL_KEYS + ("ADVANTAGE_ESTIMATOR", "USE_LORA", "LORA_R", "LORA_TARGET_MODULES")
 
@@ -313,9 +341,10 @@ def validate_config(cfg: Config) -> None:
         if not isinstance(cfg[name], list) or not all(isinstance(s, dict) for s in cfg[name]):
             problems.append(f'{name} must be a list of '
                             '{"path", "type", "input", "output"} objects.')
-    if cfg.ADVANTAGE_ESTIMATOR in ("grpo", "rloo") and cfg.GROUP_SIZE < 2:
+    if cfg.ADVANTAGE_ESTIMATOR in GROUP_ESTIMATORS and cfg.GROUP_SIZE < 2:
         problems.append(f"ADVANTAGE_ESTIMATOR = {cfg.ADVANTAGE_ESTIMATOR!r} compares the responses "
                         "to one prompt: set GROUP_SIZE >= 2 (4 to 16 is usual).")
+    problems += policy_loss_problems(cfg)
     if cfg.USE_LORA and cfg.LORA_R < 1:
         problems.append(f"LORA_R = {cfg.LORA_R} must be >= 1.")
     if not cfg.TRAIN_DATASETS:
@@ -325,6 +354,70 @@ def validate_config(cfg: Config) -> None:
         problems.append('STOP_TOKENS must be a list of token strings, e.g. ["<|im_end|>"].')
     if problems:
         raise ConfigError("Invalid settings:\n  " + "\n  ".join(problems))
+
+
+def policy_loss_problems(cfg: Config) -> List[str]:
+    """The settings of the policy-gradient variants that cannot work together."""
+    problems = []
+    for name in ("CLIP_RANGE_LOW", "CLIP_RANGE_HIGH"):
+        value = cfg[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not value > 0):
+            problems.append(f"{name} = {value!r} must be a number > 0, or None for CLIP_RANGE.")
+    if cfg.DUAL_CLIP != 0 and not cfg.DUAL_CLIP > 1:
+        problems.append(f"DUAL_CLIP = {cfg.DUAL_CLIP!r} must be > 1 (3.0 is usual), or 0 for off.")
+    if cfg.POLICY_LOSS == "gspo":
+        if cfg.ADVANTAGE_ESTIMATOR not in GROUP_ESTIMATORS:
+            problems.append("POLICY_LOSS = 'gspo' weighs whole sequences by one ratio, so it "
+                            f"needs one advantage per sequence: ADVANTAGE_ESTIMATOR = "
+                            f"{cfg.ADVANTAGE_ESTIMATOR!r} gives one per token; use 'grpo', "
+                            "'dr_grpo' or 'rloo'.")
+        if cfg.LOSS_AGGREGATION != "seq-mean-token-mean":
+            problems.append(f"POLICY_LOSS = 'gspo' is defined as a mean over sequences of the "
+                            f"sequence ratio: set LOSS_AGGREGATION = 'seq-mean-token-mean' (now "
+                            f"{cfg.LOSS_AGGREGATION!r}).")
+    if cfg.POLICY_LOSS == "cispo" and cfg.DUAL_CLIP:
+        problems.append("DUAL_CLIP bounds PPO's clipped surrogate; POLICY_LOSS = 'cispo' has none "
+                        "(its weight is already clipped): set DUAL_CLIP = 0.")
+    if cfg.KL_IN_LOSS and cfg.ADAPTIVE_KL:
+        problems.append("ADAPTIVE_KL steers the reward's KL coefficient, and KL_IN_LOSS takes the "
+                        "KL out of the reward: turn one of them off.")
+    if not cfg.KL_LOSS_COEF >= 0:
+        problems.append(f"KL_LOSS_COEF = {cfg.KL_LOSS_COEF!r} must be >= 0.")
+    if cfg.DYNAMIC_SAMPLING and cfg.ADVANTAGE_ESTIMATOR not in GROUP_ESTIMATORS:
+        problems.append(f"DYNAMIC_SAMPLING drops groups whose responses all scored the same, which "
+                        "carry no signal only for a group baseline: ADVANTAGE_ESTIMATOR = "
+                        f"{cfg.ADVANTAGE_ESTIMATOR!r}; use 'grpo', 'dr_grpo' or 'rloo'.")
+    if not 0 <= cfg.OVERLONG_BUFFER <= cfg.MAX_NEW_TOKENS:
+        problems.append(f"OVERLONG_BUFFER = {cfg.OVERLONG_BUFFER!r} must be in [0, MAX_NEW_TOKENS "
+                        f"= {cfg.MAX_NEW_TOKENS}].")
+    if not cfg.OVERLONG_PENALTY >= 0:
+        problems.append(f"OVERLONG_PENALTY = {cfg.OVERLONG_PENALTY!r} must be >= 0.")
+    return problems
+
+
+def clip_ranges(cfg: Config) -> Tuple[float, float]:
+    """(eps_low, eps_high): CLIP_RANGE_LOW / CLIP_RANGE_HIGH, each CLIP_RANGE when None."""
+    return tuple(float(cfg.CLIP_RANGE if value is None else value)
+                 for value in (cfg.CLIP_RANGE_LOW, cfg.CLIP_RANGE_HIGH))
+
+
+def describe_objective(cfg: Config) -> str:
+    """One log line: the estimator, the policy loss and its clip, the aggregation, the KL."""
+    low, high = clip_ranges(cfg)
+    parts = [f"advantages {cfg.ADVANTAGE_ESTIMATOR}", f"policy loss {cfg.POLICY_LOSS}, ratio "
+             f"clipped to [{1 - low:g}, {1 + high:g}]", f"{cfg.LOSS_AGGREGATION} aggregation"]
+    if cfg.DUAL_CLIP:
+        parts.append(f"dual clip {cfg.DUAL_CLIP:g}")
+    parts.append(f"KL ({cfg.KL_ESTIMATOR}) in the loss x {cfg.KL_LOSS_COEF:g}" if cfg.KL_IN_LOSS
+                 else f"KL ({cfg.KL_ESTIMATOR}) in the reward x {cfg.KL_COEF:g}"
+                 + (" (adaptive)" if cfg.ADAPTIVE_KL else ""))
+    if cfg.DYNAMIC_SAMPLING:
+        parts.append("dynamic sampling")
+    if cfg.OVERLONG_BUFFER:
+        parts.append(f"overlong penalty up to {cfg.OVERLONG_PENALTY:g} over the last "
+                     f"{cfg.OVERLONG_BUFFER} tokens")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,10 +524,13 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                estimator: str = "k1") -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimate from samples of pi. http://joschu.net/blog/kl-approx.html
     k1 = log(pi / pi_ref): unbiased, negative on some tokens;
-    k3 = (r - 1) - log r, r = pi_ref / pi: >= 0."""
+    k2 = (log r)^2 / 2: >= 0, biased; its gradient as a loss is the reverse KL's;
+    k3 = (r - 1) - log r, r = pi_ref / pi: >= 0, unbiased."""
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
         return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio ** 2
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"unknown KL estimator {estimator!r}")
@@ -477,24 +573,113 @@ def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str,
     """Critic-free advantages of sequence rewards (B,), the GROUP_SIZE responses of a prompt in
     consecutive rows.
     grpo: (R - mean of the group) / (std of the group + eps)    (Shao et al. 2024, arXiv 2402.03300)
+    dr_grpo: R - mean of the group: no std, which favours groups of nearly equal rewards
+             (Liu et al. 2025, arXiv 2503.20783)
     rloo: R - mean of the other G - 1 rewards of the group
           (Ahmadian et al. 2024, arXiv 2402.14740)"""
     grouped = rewards.view(-1, group_size)                            # (prompts, G)
+    centred = grouped - grouped.mean(1, keepdim=True)
     if estimator == "grpo":
-        centred = grouped - grouped.mean(1, keepdim=True)
         return (centred / (grouped.std(1, keepdim=True) + eps)).reshape(-1)
+    if estimator == "dr_grpo":
+        return centred.reshape(-1)
     if estimator == "rloo":
         return (grouped - (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)).reshape(-1)
     raise ValueError(f"unknown group estimator {estimator!r}")
 
 
-def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_range: float):
-    """PPO-clip surrogate per token: max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)).
-    Returns (loss (B, T), clipped (B, T) bool: the clipped branch was taken, so no gradient)."""
-    ratio = torch.exp(logprobs - old_logprobs)
+def clipped_surrogate(ratio, advantages, clip_low: float, clip_high: float, dual_clip: float = 0.0):
+    """max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high)) per token; with dual clip c,
+    a token with A < 0 loses at most -c * A. Returns (loss, clipped: a clip decided the value, so
+    no gradient flows)."""
     pg_loss1 = -advantages * ratio
-    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return torch.max(pg_loss1, pg_loss2), pg_loss2 > pg_loss1
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss, clipped = torch.max(pg_loss1, pg_loss2), pg_loss2 > pg_loss1
+    if dual_clip:
+        bound = -advantages * dual_clip
+        dual = (advantages < 0) & (loss > bound)
+        loss, clipped = torch.where(dual, bound, loss), clipped | dual
+    return loss, clipped
+
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_range: float,
+                        clip_high: Optional[float] = None, dual_clip: float = 0.0):
+    """PPO-clip surrogate per token on ratio = pi / pi_old, the range [1 - clip_range,
+    1 + clip_high (default clip_range)]. Returns (loss (B, T), clipped (B, T) bool)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    return clipped_surrogate(ratio, advantages, clip_range,
+                             clip_range if clip_high is None else clip_high, dual_clip)
+
+
+def gspo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low: float, clip_high: float,
+                     dual_clip: float = 0.0):
+    """GSPO: one ratio per sequence, s = exp(mean over its tokens of log(pi / pi_old)), clipped
+    like PPO's. Each token carries s with the gradient of s / |y| (GSPO-token's
+    sg[s] * pi / sg[pi]), so a mean over a sequence's tokens is the sequence's loss exactly."""
+    sequence_log_ratio = masked_mean(logprobs - old_logprobs, mask, 1).detach()          # (B,)
+    ratio = torch.exp(logprobs - logprobs.detach() + sequence_log_ratio[:, None])
+    return clipped_surrogate(ratio, advantages, clip_low, clip_high, dual_clip)
+
+
+def cispo_policy_loss(logprobs, old_logprobs, advantages, clip_low: float, clip_high: float):
+    """CISPO: -sg(clip(ratio, 1 - eps_low, 1 + eps_high)) * A * log pi: a clipped token keeps its
+    gradient, only its weight is bounded. Returns (loss, clipped: the weight was clipped)."""
+    ratio = torch.exp(logprobs - old_logprobs).detach()
+    weight = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    return -advantages * weight * logprobs, weight != ratio
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cfg):
+    """POLICY_LOSS's per-token loss (B, T) and clipped flags (B, T)."""
+    low, high = clip_ranges(cfg)
+    if cfg.POLICY_LOSS == "gspo":
+        return gspo_policy_loss(logprobs, old_logprobs, advantages, mask, low, high, cfg.DUAL_CLIP)
+    if cfg.POLICY_LOSS == "cispo":
+        return cispo_policy_loss(logprobs, old_logprobs, advantages, low, high)
+    return clipped_policy_loss(logprobs, old_logprobs, advantages, low, high, cfg.DUAL_CLIP)
+
+
+def aggregate_sum(loss: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """The numerator of LOSS_AGGREGATION over some rows: a sum over rows, so the sums of the
+    micro-batches of a minibatch add up to the minibatch's."""
+    if mode == "seq-mean-token-mean":
+        return (masked_sum(loss, mask, 1) / mask.sum(1).clamp(min=1)).sum()
+    return masked_sum(loss, mask)
+
+
+def aggregate_count(mask: torch.Tensor, mode: str, max_new_tokens: int) -> torch.Tensor:
+    """The denominator of LOSS_AGGREGATION over some rows, also a sum over rows: tokens
+    (token-mean), sequences (seq-mean-*), or sequences x MAX_NEW_TOKENS (seq-mean-token-sum-norm:
+    a constant per sequence, so a long response's tokens weigh as much as a short one's)."""
+    if mode == "token-mean":
+        return mask.sum().float()
+    sequences = mask.any(1).sum().float()
+    return sequences * max_new_tokens if mode == "seq-mean-token-sum-norm" else sequences
+
+
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str,
+                   max_new_tokens: int) -> torch.Tensor:
+    """LOSS_AGGREGATION of per-token losses (B, T) over one whole minibatch -> scalar."""
+    count = aggregate_count(mask, mode, max_new_tokens)
+    return aggregate_sum(loss, mask, mode) / count.clamp(min=1)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int,
+                     penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment of response lengths (B,): 0 up to max_new_tokens - buffer,
+    then linear down to -penalty at max_new_tokens (0 everywhere when buffer is 0)."""
+    if not buffer:
+        return torch.zeros(lengths.shape, device=lengths.device)
+    over = (lengths.float() - (max_new_tokens - buffer)) / buffer
+    return -penalty * over.clamp(0, 1)
+
+
+def uninformative_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) True for the responses of a group whose scores are all equal: a group baseline gives
+    them zero advantage (DAPO's dynamic sampling drops them)."""
+    grouped = scores.view(-1, group_size)
+    same = (grouped == grouped[:, :1]).all(1)
+    return same.repeat_interleave(group_size)
 
 
 def clipped_value_loss(values, old_values, returns, clip_range_value: float):
@@ -520,13 +705,13 @@ def local_mean_var(x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, t
 def compute_advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef: float, cfg,
                        mean_var=local_mean_var) -> Tuple[torch.Tensor, ...]:
     """Steps 5-6 of the rollout: r_t = -beta * KL_t plus the score at the last token, then
-    advantages by ADVANTAGE_ESTIMATOR: GAE with the critic's values (B, T), or reinforce++ (GAE with
-    V = 0, lambda = 1), both whitened over the valid tokens of every process (mean_var), or a group
-    baseline (grpo, rloo). Returns (advantages, returns, kl, advantages before whitening), each
-    (B, T); returns are 0 for the group estimators."""
+    advantages by ADVANTAGE_ESTIMATOR: GAE with the critic's values (B, T), or reinforce++ (GAE
+    with V = 0, lambda = 1), both whitened over the valid tokens of every process (mean_var), or a
+    group baseline (grpo, dr_grpo, rloo). Returns (advantages, returns, kl, advantages before
+    whitening), each (B, T); returns are 0 for the group estimators."""
     kl = kl_penalty(logprobs, ref_logprobs, cfg.KL_ESTIMATOR)                           # (B, T)
     rewards = shape_rewards(scores, kl, mask, kl_coef)                                 # (B, T)
-    if cfg.ADVANTAGE_ESTIMATOR in ("gae", "reinforce++"):
+    if cfg.ADVANTAGE_ESTIMATOR not in GROUP_ESTIMATORS:
         critic = cfg.ADVANTAGE_ESTIMATOR == "gae"
         values = values if critic else torch.zeros_like(rewards)
         advantages, returns = compute_gae(rewards, values, mask, cfg.GAMMA,
@@ -538,14 +723,24 @@ def compute_advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef: fl
     return advantages, torch.zeros_like(rewards), kl, advantages
 
 
-def ppo_loss(logprobs, entropy, values, batch, cfg) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """One micro-batch's loss as a token sum (the caller divides by the minibatch's token count):
-    sum(pg_loss) - c2 * sum(H) + c1 * sum(vf_loss); and the token sums of its statistics, by
-    name."""
-    mask = batch.response_mask
-    pg_loss, pg_clipped = clipped_policy_loss(logprobs, batch.old_logprobs, batch.advantages,
-                                              cfg.CLIP_RANGE)
-    loss = masked_sum(pg_loss, mask) - cfg.ENTROPY_COEF * masked_sum(entropy, mask)
+def loss_counts(batch, cfg) -> torch.Tensor:
+    """The denominators of ppo_loss over some rows, [policy terms (LOSS_AGGREGATION), value loss
+    (tokens)]: sums over rows, added over the micro-batches and processes of a minibatch."""
+    mask = batch.response_mask & batch.trained[:, None]
+    return torch.stack([aggregate_count(mask, cfg.LOSS_AGGREGATION, cfg.MAX_NEW_TOKENS),
+                        batch.response_mask.sum().float()])
+
+
+def ppo_loss(logprobs, entropy, values, batch, cfg, counts: torch.Tensor
+             ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """One micro-batch's share of its minibatch's loss: the policy terms (POLICY_LOSS - c2 * H,
+    + KL_LOSS_COEF * KL with KL_IN_LOSS) aggregated by LOSS_AGGREGATION, + c1 * the token mean of
+    the value loss, each over the denominator of the whole minibatch (counts, from loss_counts).
+    Rows not `trained` (DYNAMIC_SAMPLING) add nothing. Returns the loss and the token sums of its
+    statistics, by name."""
+    mask = batch.response_mask & batch.trained[:, None]
+    pg_loss, pg_clipped = policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, cfg)
+    policy_terms = pg_loss - cfg.ENTROPY_COEF * entropy
     log_ratio = (logprobs - batch.old_logprobs).detach()
     sums = {"tokens": mask.sum().float(),
             "pg_loss": masked_sum(pg_loss.detach(), mask),
@@ -553,20 +748,27 @@ def ppo_loss(logprobs, entropy, values, batch, cfg) -> Tuple[torch.Tensor, Dict[
             "pg_clipped": masked_sum(pg_clipped.float(), mask),
             "approx_kl": masked_sum(torch.expm1(log_ratio) - log_ratio, mask),
             "ratio": masked_sum(log_ratio.exp(), mask)}
+    if cfg.KL_IN_LOSS:
+        kl = kl_penalty(logprobs, batch.ref_logprobs, cfg.KL_ESTIMATOR)
+        policy_terms = policy_terms + cfg.KL_LOSS_COEF * kl
+        sums["kl_loss"] = masked_sum(kl.detach(), mask)
+    loss = aggregate_sum(policy_terms, mask, cfg.LOSS_AGGREGATION) / counts[0].clamp(min=1e-8)
     if values is not None:
+        value_mask = batch.response_mask
         vf_loss, vf_clipped = clipped_value_loss(values, batch.values, batch.returns,
                                                  cfg.CLIP_RANGE_VALUE)
-        loss = loss + cfg.VALUE_LOSS_COEF * masked_sum(vf_loss, mask)
-        sums["vf_loss"] = masked_sum(vf_loss.detach(), mask)
-        sums["vf_clipped"] = masked_sum(vf_clipped.float(), mask)
+        loss = loss + cfg.VALUE_LOSS_COEF * masked_sum(vf_loss, value_mask) / counts[1].clamp(min=1)
+        sums["vf_loss"] = masked_sum(vf_loss.detach(), value_mask)
+        sums["vf_clipped"] = masked_sum(vf_clipped.float(), value_mask)
     return loss, sums
 
 
-def skipped_update_metrics(optimizer_steps: int, with_critic: bool) -> Dict[str, torch.Tensor]:
+def skipped_update_metrics(optimizer_steps: int, with_critic: bool,
+                           kl_in_loss: bool) -> Dict[str, torch.Tensor]:
     """update_metrics' keys for a step whose update did not run: NaN statistics, every optimizer
     step skipped."""
     names = ("tokens", "pg_loss", "entropy", "pg_clipped", "approx_kl", "ratio") + (
-        ("vf_loss", "vf_clipped") if with_critic else ())
+        ("vf_loss", "vf_clipped") if with_critic else ()) + (("kl_loss",) if kl_in_loss else ())
     nan = torch.tensor(math.nan)
     return update_metrics(dict.fromkeys(names, nan), torch.full((1, 2), math.nan), 0,
                           optimizer_steps)
@@ -596,6 +798,8 @@ def update_metrics(sums: Dict[str, torch.Tensor], norms: torch.Tensor, epochs: i
                "ppo/epochs": torch.tensor(float(epochs)),
                "ppo/skipped_optimizer_steps": torch.tensor(float(skipped)),
                "grad_norm/policy": norms[:, 0].nanmean()}
+    if "kl_loss" in sums:
+        metrics["ppo/loss/kl"] = per_token["kl_loss"]
     if "vf_loss" in sums:
         metrics["ppo/loss/value"] = per_token["vf_loss"]
         metrics["ppo/val/clipfrac"] = per_token["vf_clipped"]
@@ -1297,8 +1501,10 @@ class Experience(Rows):
     old_logprobs: torch.Tensor                   # (B, T) log pi_old(token) at TEMPERATURE
     ref_logprobs: torch.Tensor                   # (B, T) log pi_ref(token)
     values: Optional[torch.Tensor]               # (B, T) V_old; None without a critic
-    advantages: torch.Tensor                     # (B, T) whitened (gae, reinforce++) or grpo / rloo
+    advantages: torch.Tensor                     # (B, T) whitened (gae, reinforce++) or per group
     returns: torch.Tensor                        # (B, T) value targets (0 without a critic)
+    trained: torch.Tensor                        # (B,) bool: in the loss (False: DYNAMIC_SAMPLING
+                                                 # dropped its group)
 
     def tensors(self) -> List[torch.Tensor]:
         return [t for t in (self.scores, self.old_logprobs, self.ref_logprobs, self.values,
@@ -1427,6 +1633,7 @@ def make_plan(n_prompts: int, cfg: Config, world: int) -> Plan:
                 f"per epoch x {cfg.NUM_EPOCHES} epochs = {total} steps; "
                 f"{plan.optimizer_steps} optimizer steps ({cfg.GROUP_EPOCHES} PPO epochs x "
                 f"{cfg.NUM_MINI_BATCHES} minibatches per step)")
+    logger.info(f"Objective: {describe_objective(cfg)}")
     return plan
 
 
@@ -1791,9 +1998,11 @@ class PPOTrainer:
         self.prompt_texts: Dict[str, str] = {}      # prompt -> the text the policy conditions on
         self.prompt_contents: Dict[str, str] = {}   # prompt -> content as kept (MAX_PROMPT_LENGTH)
         self.eval_samples: List[dict] = []
+        self.eval_responses: List[str] = []         # this process's last evaluation responses
         self.stop_request = StopRequest()
         self.files = RunFiles(cfg, self.output_dir, self.is_main, self.log_path)
         self.warned_negative_kl = False
+        self.last_eval_metric: Optional[float] = None   # EARLY_STOPPING_METRIC's latest value
         models = load_models(cfg, self.backend, self.checkpoint)
         self.tokenizer, self.reward_tokenizer, self.stop_ids = (
             models.tokenizer, models.reward_tokenizer, models.stop_ids)
@@ -1901,6 +2110,14 @@ class PPOTrainer:
         """The reward model's score of one response (a 0-dim tensor)."""
         return self.reward_model_scores([prompt], [response])[0]
 
+    def compute_diversity(self, response: str) -> float:
+        """distinct-2 of the response in the policy's tokens: distinct token bigrams / bigrams, in
+        [0, 1]; 1 = no bigram repeats, near 0 = a loop ("7 7 7 7"). 0 for a response of fewer
+        than 2 tokens (nothing to measure, and no bonus for saying nothing)."""
+        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+        bigrams = list(zip(ids, ids[1:]))
+        return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
     @torch.no_grad()
     def reward_model_scores(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
         """Batched reward-model scores (B,): its own tokenizer and chat template, read at the last
@@ -1973,6 +2190,11 @@ class PPOTrainer:
         if cfg.REWARD_CLIP:
             scores = scores.clamp(-cfg.REWARD_CLIP, cfg.REWARD_CLIP)
         scores = scores - cfg.MISSING_EOS_PENALTY * (~rollout.has_eos).float()
+        if cfg.OVERLONG_BUFFER:
+            penalty = overlong_penalty(rollout.response_mask.sum(1), cfg.MAX_NEW_TOKENS,
+                                       cfg.OVERLONG_BUFFER, cfg.OVERLONG_PENALTY)
+            scores = scores + penalty
+            metrics["objective/overlong_penalty"] = penalty.mean()
         metrics["objective/score"] = scores.mean()
         return scores, moments, metrics
 
@@ -2035,7 +2257,8 @@ class PPOTrainer:
                       ) -> Tuple[Experience, Optional[PolicyPass], Dict[str, torch.Tensor]]:
         """Steps 4-6 of the recipe on a scored rollout: (experience, first pass or None,
         metrics)."""
-        cfg, mask, beta = self.cfg, rollout.response_mask, self.state.kl_coef
+        cfg, mask = self.cfg, rollout.response_mask
+        beta = 0.0 if cfg.KL_IN_LOSS else self.state.kl_coef        # KL_IN_LOSS: not in the reward
         ref_logprobs = self.reference_logprobs(rollout)                         # 4. log pi_ref
         if schedule is not None and reuses_first_pass(schedule, len(rollout)):  # 4. pi_old, V_old
             order = schedule[0][0][0]                       # the first micro-batch, in its order
@@ -2045,9 +2268,12 @@ class PPOTrainer:
             first_pass, old = None, self.old_pass(rollout)
         advantages, returns, kl, unwhitened = compute_advantages(               # 5-6.
             scores, old.logprobs, ref_logprobs, old.values, mask, beta, cfg, self.backend.mean_var)
+        trained = torch.ones(len(rollout), dtype=torch.bool, device=mask.device)
+        if cfg.DYNAMIC_SAMPLING:
+            trained = ~uninformative_groups(scores, cfg.GROUP_SIZE)
         experience = Experience(rollout.query_ids, rollout.query_mask, rollout.response_ids, mask,
                                 rollout.has_eos, scores, old.logprobs, ref_logprobs, old.values,
-                                advantages, returns)
+                                advantages, returns, trained)
         non_score_reward = -beta * masked_sum(kl, mask, 1)                                  # (B,)
         metrics = {"objective/kl": masked_sum(kl, mask, 1).mean(),
                    "objective/kl_coef": torch.tensor(beta),
@@ -2057,6 +2283,8 @@ class PPOTrainer:
                    "ppo/advantages_mean": masked_mean(unwhitened, mask),
                    "response/length": mask.sum(1).float().mean(),
                    "response/eos_rate": rollout.has_eos.float().mean()}
+        if cfg.DYNAMIC_SAMPLING:
+            metrics["ppo/trained_fraction"] = trained.float().mean()
         if old.values is not None:
             metrics.update({
                 "ppo/returns_mean": masked_mean(returns, mask),
@@ -2076,20 +2304,19 @@ class PPOTrainer:
 
     def minibatch_update(self, experience: Experience, micro_batches: List[torch.Tensor],
                          first_pass: Optional[PolicyPass] = None) -> Dict[str, torch.Tensor]:
-        """Forward and backward over one minibatch; every loss is a token sum divided by the token
-        count of the whole minibatch on all processes, so the gradient does not depend on how it is
-        split. Returns ppo_loss's statistics summed over the minibatch."""
-        tokens = self.backend.all_sum(sum(experience.response_mask[idx].sum()
-                                          for idx in micro_batches).float())
-        normalizer = tokens / self.backend.world            # DDP averages gradients over processes
+        """Forward and backward over one minibatch; every loss term is a sum over rows divided by
+        its count over the whole minibatch on all processes (loss_counts), so the gradient does not
+        depend on how it is split. Returns ppo_loss's statistics summed over the minibatch."""
+        batches = [experience.select(idx) for idx in micro_batches]
+        counts = self.backend.all_sum(sum(loss_counts(batch, self.cfg) for batch in batches))
+        counts = counts / self.backend.world               # DDP averages gradients over processes
         totals: Dict[str, torch.Tensor] = {}
-        for i, idx in enumerate(micro_batches):
-            batch = experience.select(idx)
+        for i, batch in enumerate(batches):
             last = i == len(micro_batches) - 1
             with self.backend.micro_batch(last):
                 current = first_pass if first_pass is not None else self.forward(batch)
-                loss, sums = ppo_loss(*current, batch, self.cfg)
-                self.backend.backward(loss / normalizer, last)
+                loss, sums = ppo_loss(*current, batch, self.cfg, counts)
+                self.backend.backward(loss, last)
             first_pass = None
             totals = {k: totals.get(k, 0) + v for k, v in sums.items()}
         return totals
@@ -2128,17 +2355,25 @@ class PPOTrainer:
         experience, first_pass, moments, metrics = self.make_experience(prompts, schedule, timer)
         finite = torch.isfinite(torch.stack([t.sum() for t in experience.tensors()])).all()
         self.stop_request.check(self.backend)
+        nonfinite, trained = self.backend.all_sum(torch.stack([(~finite).float(),
+                                                               experience.trained.sum().float()]))
         with timer("update"):
-            if self.backend.all_sum((~finite).float()) == 0:
+            if nonfinite == 0 and trained > 0:
                 metrics.update(self.ppo_update(experience, schedule, first_pass))
             else:
-                logger.warning(f"step {self.state.global_step + 1}: NaN / inf in the scores or "
-                               "advantages (reward model or compute_rewards); the update is "
-                               "skipped.")
+                if nonfinite:
+                    logger.warning(f"step {self.state.global_step + 1}: NaN / inf in the scores or "
+                                   "advantages (reward model or compute_rewards); the update is "
+                                   "skipped.")
+                else:
+                    logger.info(f"step {self.state.global_step + 1}: the responses of every group "
+                                "scored the same (DYNAMIC_SAMPLING): nothing to learn, no update.")
                 metrics.update(skipped_update_metrics(optimizer_steps_per_update(schedule),
-                                                      experience.values is not None))
+                                                      experience.values is not None,
+                                                      cfg.KL_IN_LOSS))
         metrics = self.backend.mean_metrics(metrics)
-        self.commit_step(metrics, moments, len(experience) * self.backend.world)
+        self.commit_step(metrics, moments, len(experience) * self.backend.world,
+                         nothing_to_learn=nonfinite == 0 and trained == 0)
         timer["step"] = time.perf_counter() - start
         generated = self.backend.all_sum(experience.response_mask.sum().float()).item()
         metrics.update({f"time/{name}": seconds for name, seconds in timer.items()})
@@ -2148,15 +2383,17 @@ class PPOTrainer:
         return metrics
 
     def commit_step(self, metrics: Dict[str, float], moments: Optional[tuple],
-                    n_responses: int) -> None:
+                    n_responses: int, nothing_to_learn: bool = False) -> None:
         """What a completed step changes in the run state besides the optimizer: reward moments,
-        skip counters, the adaptive KL coefficient."""
+        skip counters (a step with nothing to learn is not a NaN skip), the adaptive KL
+        coefficient."""
         cfg, s = self.cfg, self.state
         if moments is not None:
             s.reward_mean, s.reward_var, s.reward_count = moments
-        skipped = metrics["ppo/skipped_optimizer_steps"] > 0
-        s.skipped_steps += skipped
-        s.consecutive_skips = s.consecutive_skips + 1 if skipped else 0
+        if not nothing_to_learn:
+            skipped = metrics["ppo/skipped_optimizer_steps"] > 0
+            s.skipped_steps += skipped
+            s.consecutive_skips = s.consecutive_skips + 1 if skipped else 0
         if s.consecutive_skips >= cfg.MAX_CONSECUTIVE_SKIPS:
             raise TrainingError(
                 f"{s.consecutive_skips} steps in a row hit a NaN / inf (MAX_CONSECUTIVE_SKIPS = "
@@ -2180,7 +2417,7 @@ class PPOTrainer:
         """Generate for this process's share of eval_prompts (greedy unless EVAL_GREEDY is False)
         and measure, over all processes: mean reward-model score, accuracy against references,
         response length, EOS rate. Override to add metrics: eval_metrics["custom_metric"] = ...;
-        logged as eval/<name>."""
+        logged as eval/<name>; self.eval_responses holds the responses (this process's share)."""
         prompts, real = shard(eval_prompts, self.backend.rank, self.backend.world)
         starts = range(0, len(prompts), self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE)
         generations = [self.generate_response(prompts[s:s +
@@ -2197,6 +2434,7 @@ class PPOTrainer:
                                 generation.has_eos.float(), correct, has_ref.float(),
                                 torch.ones_like(reward)])
             sums += (rows * counted).sum(1)
+        self.eval_responses = [r for g in generations for r in g.responses][:real]
         self.eval_samples = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in
                              zip(prompts[:real], generations[0].responses, rewards[0])
                              ][:self.cfg.NUM_SAMPLES_TO_LOG]
@@ -2265,6 +2503,12 @@ class PPOTrainer:
                                       checkpoint_path(self.output_dir, self.state.global_step))
         logger.info(f"Training finished ({reason}) at step {self.state.global_step}. "
                     f"Outputs: {self.output_dir}")
+        s = self.state
+        if s.best_step >= 0:
+            final = ("" if self.last_eval_metric is None else
+                     f"; the final policy (step {s.global_step}) has {self.last_eval_metric:.4g}")
+            logger.info(f"Best policy: {self.cfg.EARLY_STOPPING_METRIC} = {s.best_metric:.4g} at "
+                        f"step {s.best_step}, in {self.output_dir / 'best'}{final}")
         return reason
 
     def train_loop(self, train_prompts: List[str], eval_prompts: List[str]) -> str:
@@ -2311,7 +2555,8 @@ class PPOTrainer:
             if cfg.EARLY_STOPPING_METRIC in eval_metrics:
                 self.state, improved, stop = track_eval(
                     self.state, eval_metrics[cfg.EARLY_STOPPING_METRIC], cfg)
-                if improved and cfg.EARLY_STOPPING_PATIENCE:
+                self.last_eval_metric = eval_metrics[cfg.EARLY_STOPPING_METRIC]
+                if improved:
                     self.save_policy(self.output_dir / "best")
         self.log_row(metrics)
         bar.set_description_str(f"Epoch {self.state.epoch + 1}/{cfg.NUM_EPOCHES}: "
@@ -2349,8 +2594,7 @@ class PPOTrainer:
                          self.tokenizer)
         if self.is_main:
             rotate_checkpoints(self.output_dir / "checkpoints", self.cfg.SAVE_TOTAL_LIMIT,
-                               keep=(self.state.best_step if self.cfg.EARLY_STOPPING_PATIENCE
-                                     else None))
+                               keep=self.state.best_step if self.state.best_step >= 0 else None)
         self.backend.wait()
         return path
 

@@ -325,7 +325,7 @@ def test_kl_penalty_monte_carlo_estimates_true_kl(estimator, seed):
 def test_kl_penalty_rejects_unknown_estimator():
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError):
-        ppo.kl_penalty(x, x, "k2")
+        ppo.kl_penalty(x, x, "k4")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -788,3 +788,653 @@ def test_logprobs_without_entropy():
     lp, ent = ppo.logprobs_and_entropy(logits, tokens, 0.7, with_entropy=False)
     ref_lp, _ = ppo.logprobs_and_entropy(logits, tokens, 0.7)
     assert torch.equal(lp, ref_lp) and torch.equal(ent, torch.zeros_like(ent))
+
+
+# =============================================================================================
+# The policy-gradient variants, loss aggregation and the micro-batched ppo_loss of section 4:
+# DAPO's clip-higher and overlong penalty, the dual clip, GSPO, CISPO, the k2 KL, Dr. GRPO,
+# dynamic sampling's uninformative groups. Shapes, clip ranges, group sizes and seeds are drawn
+# by hypothesis (derandomized, so every run sees the same examples); each function is checked
+# against a loop over Python floats written from its paper's formula.
+# =============================================================================================
+import types  # noqa: E402
+
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+SEEDS = st.integers(0, 10 ** 6)
+CLIPS = st.one_of(st.floats(0.02, 0.5), st.sampled_from([3e-4, 4e-4]))   # GSPO's ranges are ~3e-4
+DUALS = st.sampled_from([0.0, 1.5, 2.0, 3.0])
+CLIPPED_BRANCHES = {"clipped_high", "clipped_low", "dual"}
+
+
+def drawn(max_examples: int):
+    """hypothesis settings of this section: derandomized, no deadline (2 slow cores)."""
+    return settings(max_examples=max_examples, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+def high_entropy_logprobs(g: torch.Generator, shape, n: int = 2, vocab: int = 6, drift: float = 1.5):
+    """n float64 (shape) tensors: log pi(token) of the same random tokens under n softmaxes, the first
+    of logits with std 2, the others of those logits + noise of std `drift`. Entropies are high and
+    the ratios exp(lp_0 - lp_k) spread over about [e^-4, e^4], far beyond any clip range."""
+    logits = torch.randn(*shape, vocab, generator=g, dtype=torch.float64) * 2
+    tokens = torch.randint(vocab, (*shape, 1), generator=g)
+    out = []
+    for k in range(n):
+        z = logits if k == 0 else logits + torch.randn(logits.shape, generator=g, dtype=torch.float64) * drift
+        out.append(torch.log_softmax(z, -1).gather(-1, tokens).squeeze(-1))
+    return out
+
+
+def finite_garbage(x: torch.Tensor, mask: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """x with its padding replaced by large finite garbage (std 30): exp(garbage) stays finite in
+    float64, so a leak shows up as a wrong number rather than as a NaN from inf * 0."""
+    return torch.where(mask, x, torch.randn(x.shape, generator=g, dtype=x.dtype) * 30)
+
+
+def token_inputs(seed: int, shape):
+    """logprobs, old logprobs, advantages (float64); some ratios exactly 1, some advantages 0."""
+    g = gen(seed)
+    lp, old = high_entropy_logprobs(g, shape)
+    adv = torch.randn(shape, generator=g, dtype=torch.float64) * 1.5
+    lp.view(-1)[::7] = old.view(-1)[::7]
+    adv.view(-1)[3::11] = 0.0
+    return lp, old, adv
+
+
+def flat(*tensors):
+    return [t.reshape(-1).tolist() for t in tensors]
+
+
+def draw_partition(data, n: int, min_parts: int = 1):
+    """A random partition of range(n) into micro-batches: a permutation cut at random points."""
+    order = data.draw(st.permutations(range(n)))
+    cuts = sorted(data.draw(st.sets(st.integers(1, n - 1), min_size=min_parts - 1, max_size=n - 1))) if n > 1 else []
+    bounds = [0] + cuts + [n]
+    return [torch.tensor(order[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def surrogate_reference(ratio, adv, low, high, dual=0.0):
+    """(loss, branch, d loss / d log ratio) of one token: max(-A r, -A clip(r, 1 - low, 1 + high))
+    (DAPO's clip-higher range), then for A < 0 and c > 1 the dual clip min(., -c A) (Ye et al. 2020)."""
+    loss = max(-adv * ratio, -adv * min(max(ratio, 1 - low), 1 + high))
+    if dual and adv < 0:
+        loss = min(loss, -dual * adv)
+    if dual and adv < 0 and ratio > dual:
+        branch = "dual"                   # the constant -c A is the value
+    elif adv > 0 and ratio > 1 + high:
+        branch = "clipped_high"           # the constant -A (1 + high)
+    elif adv < 0 and ratio < 1 - low:
+        branch = "clipped_low"            # the constant -A (1 - low)
+    elif ratio == 1.0:
+        branch = "ratio_one"
+    elif 1 - low <= ratio <= 1 + high:
+        branch = "inside"
+    else:
+        branch = "outside_unclipped"      # out of the range in the direction that hurts: -A r is the max
+    return loss, branch, 0.0 if branch in CLIPPED_BRANCHES else -adv * ratio
+
+
+def cispo_reference(logprob, old_logprob, adv, low, high):
+    """(loss, branch, d loss / d logprob) of one token: -sg(clip(r, 1 - low, 1 + high)) A log pi."""
+    ratio = math.exp(logprob - old_logprob)
+    weight = min(max(ratio, 1 - low), 1 + high)
+    branch = "clipped_high" if ratio > 1 + high else "clipped_low" if ratio < 1 - low else "inside"
+    return -weight * adv * logprob, branch, -weight * adv
+
+
+def kl_reference(logprob, ref_logprob, estimator):
+    """(KL estimate, d estimate / d logprob) of one token, d = log pi - log pi_ref (Schulman's k1-k3)."""
+    d = logprob - ref_logprob
+    if estimator == "k1":
+        return d, 1.0
+    if estimator == "k2":
+        return 0.5 * d * d, d
+    return math.exp(-d) - 1 + d, 1 - math.exp(-d)
+
+
+def gspo_reference(lp, old, adv, mask, low, high, dual=0.0):
+    """GSPO over nested lists: s_i = exp(mean over the valid tokens of row i of (lp - old)), loss_i =
+    the clipped surrogate of s_i with A_i. Returns ({row: (loss_i, branch_i)}, J = mean of loss_i over
+    the rows with a valid token, dJ / d lp (nested lists))."""
+    rows = {}
+    grad = [[0.0] * len(m) for m in mask]
+    valid = [b for b, m in enumerate(mask) if any(m)]
+    for b in valid:
+        ts = [t for t, m in enumerate(mask[b]) if m]
+        s = math.exp(sum(lp[b][t] - old[b][t] for t in ts) / len(ts))
+        loss, branch, dlog_s = surrogate_reference(s, adv[b][ts[0]], low, high, dual)
+        rows[b] = (loss, branch)
+        for t in ts:                          # d log s / d lp_t = 1 / |y|, then the mean over rows
+            grad[b][t] = dlog_s / len(ts) / len(valid)
+    total = sum(loss for loss, _ in rows.values()) / len(valid) if valid else 0.0
+    return rows, total, grad
+
+
+def aggregate_reference(loss, mask, mode, max_new_tokens):
+    """(value, d value / d loss) of a LOSS_AGGREGATION mode over nested lists, from its definition;
+    rows with no valid token do not count."""
+    rows = [b for b, m in enumerate(mask) if any(m)]
+    grad = [[0.0] * len(m) for m in mask]
+    if not rows:
+        return 0.0, grad
+    tokens = {b: [t for t, m in enumerate(mask[b]) if m] for b in rows}
+    if mode == "token-mean":
+        n = sum(len(ts) for ts in tokens.values())
+        value = sum(loss[b][t] for b in rows for t in tokens[b]) / n
+        weight = {b: 1 / n for b in rows}
+    elif mode == "seq-mean-token-mean":
+        value = statistics.fmean([sum(loss[b][t] for t in tokens[b]) / len(tokens[b]) for b in rows])
+        weight = {b: 1 / (len(rows) * len(tokens[b])) for b in rows}
+    elif mode == "seq-mean-token-sum":
+        value = statistics.fmean([sum(loss[b][t] for t in tokens[b]) for b in rows])
+        weight = {b: 1 / len(rows) for b in rows}
+    else:                                     # seq-mean-token-sum-norm (Dr. GRPO)
+        value = sum(loss[b][t] for b in rows for t in tokens[b]) / (len(rows) * max_new_tokens)
+        weight = {b: 1 / (len(rows) * max_new_tokens) for b in rows}
+    for b in rows:
+        for t in tokens[b]:
+            grad[b][t] = weight[b]
+    return value, grad
+
+
+def as_tensor(nested, like):
+    return torch.tensor(nested, dtype=like.dtype).view(like.shape)
+
+
+# -- clipped_surrogate / clipped_policy_loss: clip-higher and the dual clip -----------------------
+def test_clipped_surrogate_asymmetric_and_dual_clip_against_reference():
+    """Loss, `clipped` flags and gradients (d/d ratio and d/d logprobs) of PPO-clip with asymmetric
+    ranges and the dual clip match the formula; the gradient is exactly 0 on every clipped branch."""
+    seen = set()
+
+    @drawn(80)
+    @given(batch=st.integers(1, 6), width=st.integers(1, 12), low=CLIPS, high=CLIPS, dual=DUALS, seed=SEEDS)
+    def check(batch, width, low, high, dual, seed):
+        lp, old, adv = token_inputs(seed, (batch, width))
+        leaf = lp.clone().requires_grad_(True)
+        loss, clipped = ppo.clipped_policy_loss(leaf, old, adv, low, high, dual)
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        ratio = torch.exp(lp - old).requires_grad_(True)
+        s_loss, s_clipped = ppo.clipped_surrogate(ratio, adv, low, high, dual)
+        (s_grad,) = torch.autograd.grad(s_loss.sum(), ratio)
+
+        refs = [surrogate_reference(math.exp(a - b), c, low, high, dual) for a, b, c in zip(*flat(lp, old, adv))]
+        ref_loss = as_tensor([r[0] for r in refs], lp)
+        ref_clipped = torch.tensor([r[1] in CLIPPED_BRANCHES for r in refs]).view(lp.shape)
+        ref_grad = as_tensor([r[2] for r in refs], lp)
+        assert clipped.dtype == torch.bool
+        assert_close(loss, ref_loss)
+        assert_close(s_loss, ref_loss)
+        assert torch.equal(clipped, ref_clipped) and torch.equal(s_clipped, ref_clipped)
+        assert (grad[ref_clipped] == 0).all() and (s_grad[ref_clipped] == 0).all()
+        assert_close(grad, ref_grad)                                 # -A r where unclipped
+        assert_close(s_grad, torch.where(ref_clipped, 0.0, -adv))    # d/dr: -A where unclipped
+        seen.update(r[1] for r in refs)
+
+    check()
+    assert seen == {"ratio_one", "inside", "outside_unclipped", "clipped_high", "clipped_low", "dual"}
+
+
+def test_clipped_policy_loss_symmetric_by_default():
+    """clip_high=None means the symmetric range [1 - clip_range, 1 + clip_range]."""
+    lp, old, adv = token_inputs(5, (6, 10))
+    assert_close(ppo.clipped_policy_loss(lp, old, adv, 0.2)[0], ppo.clipped_policy_loss(lp, old, adv, 0.2, 0.2)[0])
+    assert not torch.allclose(ppo.clipped_policy_loss(lp, old, adv, 0.2, 0.4)[0],
+                              ppo.clipped_policy_loss(lp, old, adv, 0.2)[0])
+
+
+# -- GSPO -----------------------------------------------------------------------------------------
+def test_gspo_sequence_ratio_loss_and_gradient_against_reference():
+    """GSPO: every valid token carries its sequence's clipped loss of s_i = exp(mean log ratio), and
+    the seq-mean-token-mean of the tokens is the mean sequence loss in value and in gradient
+    (-A_i s_i / |y_i| per token, 0 when clipped); padding garbage changes nothing."""
+    seen = set()
+
+    @drawn(80)
+    @given(batch=st.integers(1, 6), width=st.integers(1, 10), low=CLIPS, high=CLIPS, dual=DUALS, seed=SEEDS)
+    def check(batch, width, low, high, dual, seed):
+        g = gen(seed)
+        lengths = torch.randint(0, width + 1, (batch,), generator=g).tolist()
+        lengths[0] = max(lengths[0], 1)
+        mask = prefix_mask(lengths, width)
+        lp, old = high_entropy_logprobs(g, (batch, width), drift=2.5)
+        adv = (torch.randn(batch, 1, generator=g, dtype=torch.float64) * 1.5).expand(batch, width)
+        lp, old, adv = (finite_garbage(x, mask, g) for x in (lp, old, adv))
+        leaf = lp.clone().requires_grad_(True)
+        loss, clipped = ppo.gspo_policy_loss(leaf, old, adv, mask, low, high, dual)
+        total = ppo.aggregate_loss(loss, mask, "seq-mean-token-mean", width)
+        (grad,) = torch.autograd.grad(total, leaf)
+
+        rows, ref_total, ref_grad = gspo_reference(lp.tolist(), old.tolist(), adv.tolist(), mask.tolist(),
+                                                   low, high, dual)
+        assert loss.shape == (batch, width)
+        for b, (row_loss, branch) in rows.items():
+            assert_close(loss[b, :lengths[b]], torch.full((lengths[b],), row_loss, dtype=torch.float64))
+            assert clipped[b, :lengths[b]].tolist() == [branch in CLIPPED_BRANCHES] * lengths[b]
+        assert_close(total, torch.tensor(ref_total, dtype=torch.float64))
+        assert_close(grad, torch.tensor(ref_grad, dtype=torch.float64))
+        assert (grad[~mask] == 0).all()
+        seen.update("inside" if branch == "ratio_one" else branch for _, branch in rows.values())
+
+    check()
+    assert seen == {"inside", "outside_unclipped", "clipped_high", "clipped_low", "dual"}
+
+
+def test_gspo_token_gradient_is_the_sequence_gradient_over_its_length():
+    """Autograd of ppo's aggregated GSPO loss equals autograd of a loss built directly from s_i."""
+    g = gen(31)
+    lengths = [1, 5, 3, 8, 2]
+    mask = prefix_mask(lengths, 8)
+    lp, old = high_entropy_logprobs(g, (5, 8), drift=0.3)
+    adv = torch.tensor([1.0, -2.0, 0.5, -0.3, 1.2], dtype=torch.float64)[:, None].expand(5, 8)
+    lp, old = finite_garbage(lp, mask, g), finite_garbage(old, mask, g)
+    leaf = lp.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(ppo.aggregate_loss(ppo.gspo_policy_loss(leaf, old, adv, mask, 0.3, 0.4)[0],
+                                                     mask, "seq-mean-token-mean", 8), leaf)
+    ref_leaf = lp.clone().requires_grad_(True)
+    losses = []
+    for b, n in enumerate(lengths):
+        s = torch.exp((ref_leaf[b, :n] - old[b, :n]).mean())
+        a = adv[b, 0]
+        losses.append(torch.max(-a * s, -a * torch.clamp(s, 0.7, 1.4)))
+    (ref_grad,) = torch.autograd.grad(torch.stack(losses).mean(), ref_leaf)
+    assert (ref_grad != 0).any()
+    assert_close(grad, ref_grad)
+
+
+# -- CISPO ----------------------------------------------------------------------------------------
+def test_cispo_loss_and_gradient_against_reference():
+    """CISPO: loss -sg(clip(r)) A log pi, flags where the weight was clipped, and gradient -clip(r) A on
+    every token, clipped ones included (never 0 where A != 0)."""
+    seen = set()
+
+    @drawn(80)
+    @given(batch=st.integers(1, 6), width=st.integers(1, 12), low=CLIPS, high=CLIPS, seed=SEEDS)
+    def check(batch, width, low, high, seed):
+        lp, old, adv = token_inputs(seed, (batch, width))
+        leaf = lp.clone().requires_grad_(True)
+        loss, clipped = ppo.cispo_policy_loss(leaf, old, adv, low, high)
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        refs = [cispo_reference(a, b, c, low, high) for a, b, c in zip(*flat(lp, old, adv))]
+        ref_clipped = torch.tensor([r[1] != "inside" for r in refs]).view(lp.shape)
+        assert_close(loss, as_tensor([r[0] for r in refs], lp))
+        assert torch.equal(clipped, ref_clipped)
+        assert_close(grad, as_tensor([r[2] for r in refs], lp))
+        assert (grad[adv != 0] != 0).all()
+        seen.update(r[1] for r in refs)
+        if (ref_clipped & (adv != 0)).any():
+            seen.add("clipped_with_gradient")
+
+    check()
+    assert seen == {"inside", "clipped_high", "clipped_low", "clipped_with_gradient"}
+
+
+# -- policy_loss and clip_ranges ------------------------------------------------------------------
+@pytest.mark.parametrize("low,high", [(None, None), (0.1, None), (None, 0.3), (0.1, 0.3)])
+def test_clip_ranges_fall_back_to_clip_range(low, high):
+    """CLIP_RANGE_LOW / CLIP_RANGE_HIGH are each CLIP_RANGE when None."""
+    cfg = ppo.make_config({"CLIP_RANGE": 0.25, "CLIP_RANGE_LOW": low, "CLIP_RANGE_HIGH": high})
+    assert ppo.clip_ranges(cfg) == (0.25 if low is None else low, 0.25 if high is None else high)
+
+
+@pytest.mark.parametrize("kind", ["ppo", "gspo", "cispo"])
+@pytest.mark.parametrize("low,high", [(None, None), (0.1, 0.35)])
+def test_policy_loss_dispatches_on_policy_loss(kind, low, high):
+    """policy_loss runs POLICY_LOSS's function with the clip ranges (and DUAL_CLIP) of the settings."""
+    g = gen(41)
+    mask = prefix_mask([3, 7, 1, 5, 7, 2], 7)
+    lp, old = high_entropy_logprobs(g, (6, 7))
+    adv = (torch.randn(6, 1, generator=g, dtype=torch.float64) * 1.5).expand(6, 7)
+    dual = 0.0 if kind == "cispo" else 2.0
+    cfg = ppo.make_config({"POLICY_LOSS": kind, "CLIP_RANGE": 0.2, "CLIP_RANGE_LOW": low,
+                           "CLIP_RANGE_HIGH": high, "DUAL_CLIP": dual})
+    lo, hi = 0.2 if low is None else low, 0.2 if high is None else high
+    expected = {"ppo": lambda: ppo.clipped_policy_loss(lp, old, adv, lo, hi, dual),
+                "gspo": lambda: ppo.gspo_policy_loss(lp, old, adv, mask, lo, hi, dual),
+                "cispo": lambda: ppo.cispo_policy_loss(lp, old, adv, lo, hi)}
+    loss, clipped = ppo.policy_loss(lp, old, adv, mask, cfg)
+    exp_loss, exp_clipped = expected[kind]()
+    assert_close(torch.where(mask, loss, 0.0), torch.where(mask, exp_loss, 0.0))
+    assert torch.equal(clipped & mask, exp_clipped & mask)
+    for other, make in expected.items():                 # the three are different losses
+        if other != kind:
+            assert not torch.allclose(torch.where(mask, make()[0], 0.0), torch.where(mask, loss, 0.0))
+    if kind == "ppo":                                    # DUAL_CLIP reaches the surrogate
+        assert not torch.allclose(loss, ppo.clipped_policy_loss(lp, old, adv, lo, hi)[0])
+
+
+# -- aggregate_sum / aggregate_count / aggregate_loss ---------------------------------------------
+def aggregation_inputs(seed, batch, width, density):
+    """Per-token losses (float64, NaN / inf garbage in padding) and a random mask with empty rows."""
+    g = gen(seed)
+    loss = torch.randn(batch, width, generator=g, dtype=torch.float64) * 3
+    mask = torch.rand(batch, width, generator=g) < density
+    mask[0, torch.randint(width, (1,), generator=g)] = True     # at least one valid token
+    if batch > 2:
+        mask[1] = False                                          # an empty row
+    return fill_padding(loss, mask, g), mask
+
+
+@drawn(100)
+@given(batch=st.integers(1, 7), width=st.integers(1, 9), extra=st.integers(0, 5),
+       density=st.floats(0.1, 1.0), mode=st.sampled_from(MODES), seed=SEEDS)
+def test_aggregate_loss_against_reference(batch, width, extra, density, mode, seed):
+    """aggregate_loss = its mode's definition, in value and in gradient w.r.t. the per-token losses
+    (0 on padding, empty rows not counted); aggregate_sum / aggregate_count are its two halves."""
+    loss, mask = aggregation_inputs(seed, batch, width, density)
+    leaf = loss.clone().requires_grad_(True)
+    value = ppo.aggregate_loss(leaf, mask, mode, width + extra)
+    (grad,) = torch.autograd.grad(value, leaf)
+    ref_value, ref_grad = aggregate_reference(loss.tolist(), mask.tolist(), mode, width + extra)
+    assert_close(value, torch.tensor(ref_value, dtype=torch.float64))
+    assert_close(grad, torch.tensor(ref_grad, dtype=torch.float64))
+    count = ppo.aggregate_count(mask, mode, width + extra)
+    assert_close(ppo.aggregate_sum(loss, mask, mode) / count, value)
+    rows = int(mask.any(1).sum())
+    assert count.item() == {"token-mean": int(mask.sum()), "seq-mean-token-mean": rows, "seq-mean-token-sum": rows,
+                            "seq-mean-token-sum-norm": rows * (width + extra)}[mode]
+
+
+def test_aggregate_loss_of_no_valid_token_is_zero():
+    """A minibatch with no valid token aggregates to 0 (not NaN) in every mode."""
+    loss = torch.full((3, 4), float("nan"), dtype=torch.float64)
+    for mode in MODES:
+        assert ppo.aggregate_loss(loss, torch.zeros(3, 4, dtype=torch.bool), mode, 4).item() == 0.0
+
+
+@drawn(100)
+@given(batch=st.integers(1, 8), width=st.integers(1, 8), extra=st.integers(0, 4), density=st.floats(0.1, 1.0),
+       mode=st.sampled_from(MODES), seed=SEEDS, data=st.data())
+def test_aggregation_is_independent_of_the_micro_batch_split(batch, width, extra, density, mode, seed, data):
+    """For any partition of the rows, sum of aggregate_sum / sum of aggregate_count over the parts is
+    the whole's aggregate_loss, in value and in gradient w.r.t. the per-token losses."""
+    loss, mask = aggregation_inputs(seed, batch, width, density)
+    parts = draw_partition(data, batch)
+    leaf = loss.clone().requires_grad_(True)
+    split = (sum(ppo.aggregate_sum(leaf[idx], mask[idx], mode) for idx in parts)
+             / sum(ppo.aggregate_count(mask[idx], mode, width + extra) for idx in parts))
+    (grad,) = torch.autograd.grad(split, leaf)
+    whole_leaf = loss.clone().requires_grad_(True)
+    whole = ppo.aggregate_loss(whole_leaf, mask, mode, width + extra)
+    (whole_grad,) = torch.autograd.grad(whole, whole_leaf)
+    assert_close(split, whole)
+    assert_close(grad, whole_grad)
+
+
+@drawn(60)
+@given(batch=st.integers(2, 8), width=st.integers(1, 8), density=st.floats(0.2, 1.0),
+       mode=st.sampled_from(MODES), seed=SEEDS, data=st.data())
+def test_mean_of_micro_batch_losses_is_not_the_minibatch_loss(batch, width, density, mode, seed, data):
+    """The naive split (the mean of each part's own aggregate_loss) is wrong as soon as the parts'
+    denominators differ (tokens for token-mean, sequences for the seq-mean modes): the global
+    denominator of the split-independent form above is needed."""
+    loss, mask = aggregation_inputs(seed, batch, width, density)
+    parts = draw_partition(data, batch, min_parts=2)
+    counts = [ppo.aggregate_count(mask[idx], mode, width).item() for idx in parts]
+    assume(len(set(counts)) > 1)
+    naive = statistics.fmean(ppo.aggregate_loss(loss[idx], mask[idx], mode, width).item() for idx in parts)
+    whole = ppo.aggregate_loss(loss, mask, mode, width).item()
+    split = sum(ppo.aggregate_sum(loss[idx], mask[idx], mode).item() for idx in parts) / sum(counts)
+    assert math.isclose(split, whole, rel_tol=1e-9, abs_tol=1e-12)
+    assert abs(naive - whole) > 1e-9 * (1 + abs(whole))
+
+
+# -- kl_penalty -----------------------------------------------------------------------------------
+@drawn(60)
+@given(batch=st.integers(1, 5), width=st.integers(1, 10), estimator=st.sampled_from(["k1", "k2", "k3"]), seed=SEEDS)
+def test_kl_penalty_estimators_value_and_gradient(batch, width, estimator, seed):
+    """k1 = d, k2 = d^2 / 2, k3 = e^-d - 1 + d (d = logp - logp_ref), and as losses their gradients
+    w.r.t. logp are 1, d and 1 - e^-d; k2 and k3 are >= 0 and 0 where the policies agree."""
+    lp, ref = high_entropy_logprobs(gen(seed), (batch, width))
+    ref.view(-1)[::4] = lp.view(-1)[::4]                         # d exactly 0
+    leaf = lp.clone().requires_grad_(True)
+    kl = ppo.kl_penalty(leaf, ref, estimator)
+    (grad,) = torch.autograd.grad(kl.sum(), leaf)
+    refs = [kl_reference(a, b, estimator) for a, b in zip(*flat(lp, ref))]
+    assert_close(kl, as_tensor([r[0] for r in refs], lp))
+    assert_close(grad, as_tensor([r[1] for r in refs], lp))
+    if estimator != "k1":
+        assert (kl >= 0).all() and (kl.view(-1)[::4] == 0).all()
+
+
+def test_kl_penalty_k2_is_half_squared_log_ratio():
+    """k2 at a few hand-computed points, symmetric in the sign of d."""
+    lp = torch.tensor([0.0, -1.0, -3.0, -0.5], dtype=torch.float64)
+    ref = torch.tensor([0.0, -3.0, -1.0, -0.25], dtype=torch.float64)
+    assert ppo.kl_penalty(lp, ref, "k2").tolist() == [0.0, 2.0, 2.0, 0.03125]
+
+
+# -- group_advantages: dr_grpo --------------------------------------------------------------------
+@drawn(80)
+@given(group_size=st.integers(1, 6), groups=st.integers(1, 5), seed=SEEDS,
+       shift=st.floats(-100, 100), scale=st.floats(0.1, 10.0).filter(lambda k: abs(k - 1) > 0.05))
+def test_group_advantages_dr_grpo(group_size, groups, seed, shift, scale):
+    """Dr. GRPO: each reward minus its group's mean, no std: unchanged when a group is shifted,
+    scaled by k when a group is scaled by k (where GRPO's std division makes it invariant)."""
+    rewards = torch.randn(groups * group_size, generator=gen(seed), dtype=torch.float64) * 3
+    got = ppo.group_advantages(rewards, group_size, "dr_grpo")
+    values = rewards.tolist()
+    for g in range(groups):
+        group = values[g * group_size:(g + 1) * group_size]
+        for i, r in enumerate(group):
+            assert math.isclose(got[g * group_size + i].item(), r - statistics.fmean(group), rel_tol=1e-9,
+                                abs_tol=1e-9)
+    first = slice(0, group_size)
+    shifted, scaled = rewards.clone(), rewards.clone()
+    shifted[first] += shift
+    scaled[first] *= scale
+    assert_close(ppo.group_advantages(shifted, group_size, "dr_grpo"), got, atol=1e-9, rtol=1e-9)
+    expected = got.clone()
+    expected[first] *= scale
+    assert_close(ppo.group_advantages(scaled, group_size, "dr_grpo"), expected)
+    if group_size > 1:
+        assert not torch.allclose(ppo.group_advantages(scaled, group_size, "dr_grpo")[first], got[first])
+        assert_close(ppo.group_advantages(scaled, group_size, "grpo", eps=0.0),
+                     ppo.group_advantages(rewards, group_size, "grpo", eps=0.0))
+
+
+# -- overlong_penalty -----------------------------------------------------------------------------
+def overlong_reference(length, max_new_tokens, buffer, penalty):
+    """DAPO eq. 13: 0 up to L_max - L_cache, ((L_max - L_cache) - L) / L_cache * penalty up to L_max,
+    -penalty beyond; no penalty at all with no buffer."""
+    if buffer == 0 or length <= max_new_tokens - buffer:
+        return 0.0, "none"
+    if length <= max_new_tokens:
+        return ((max_new_tokens - buffer) - length) / buffer * penalty, "linear"
+    return -penalty, "beyond"
+
+
+def test_overlong_penalty_against_dapo():
+    """overlong_penalty matches DAPO's soft overlong punishment for drawn lengths, limits, buffers and
+    penalties (all three pieces of it reached)."""
+    seen = set()
+
+    @drawn(100)
+    @given(max_new=st.integers(1, 64), data=st.data(), penalty=st.floats(0.0, 5.0))
+    def check(max_new, data, penalty):
+        buffer = data.draw(st.integers(0, max_new))
+        lengths = data.draw(st.lists(st.integers(0, max_new + 8), min_size=1, max_size=20))
+        got = ppo.overlong_penalty(torch.tensor(lengths), max_new, buffer, penalty)
+        assert got.shape == (len(lengths),)
+        for length, value in zip(lengths, got.tolist()):
+            ref, piece = overlong_reference(length, max_new, buffer, penalty)
+            assert math.isclose(value, ref, rel_tol=1e-6, abs_tol=1e-6), (length, max_new, buffer, penalty)
+            seen.add(piece if buffer else "no_buffer")
+
+    check()
+    assert seen == {"none", "linear", "beyond", "no_buffer"}
+
+
+# -- uninformative_groups -------------------------------------------------------------------------
+def test_uninformative_groups_against_loop():
+    """uninformative_groups marks every response of a group whose scores are all equal, and only those."""
+    seen = set()
+
+    @drawn(100)
+    @given(group_size=st.integers(1, 5), data=st.data())
+    def check(group_size, data):
+        groups = data.draw(st.lists(st.tuples(st.booleans(), st.lists(st.integers(-2, 2), min_size=group_size,
+                                                                      max_size=group_size)),
+                                    min_size=1, max_size=6))
+        scores = []
+        for same, values in groups:
+            scores += [values[0] / 2] * group_size if same else [v / 2 for v in values]
+        got = ppo.uninformative_groups(torch.tensor(scores), group_size)
+        expected = []
+        for g in range(len(groups)):
+            group = scores[g * group_size:(g + 1) * group_size]
+            expected += [all(s == group[0] for s in group)] * group_size
+        assert got.dtype == torch.bool and got.tolist() == expected
+        seen.update(expected)
+
+    check()
+    assert seen == {True, False}
+
+
+# -- ppo_loss and loss_counts: micro-batch splits, untrained rows, the reference ------------------
+def ppo_case(seed, batch, width, kind, critic):
+    """(batch namespace, logprobs, entropy, values or None) of a random minibatch, finite garbage in
+    every padding position; GSPO gets one advantage per row."""
+    g = gen(seed)
+    lengths = torch.randint(1, width + 1, (batch,), generator=g).tolist()
+    mask = prefix_mask(lengths, width)
+    lp, old, ref = high_entropy_logprobs(g, (batch, width), n=3)
+    if kind == "gspo":
+        adv = (torch.randn(batch, 1, generator=g, dtype=torch.float64) * 1.5).expand(batch, width).clone()
+    else:
+        adv = torch.randn(batch, width, generator=g, dtype=torch.float64) * 1.5
+    entropy = torch.rand(batch, width, generator=g, dtype=torch.float64) * math.log(6)
+    old_values = torch.randn(batch, width, generator=g, dtype=torch.float64)
+    values = old_values + torch.randn(batch, width, generator=g, dtype=torch.float64) * 0.4
+    returns = torch.randn(batch, width, generator=g, dtype=torch.float64) * 1.5
+    trained = torch.rand(batch, generator=g) < 0.7
+    lp, old, ref, adv, entropy, old_values, values, returns = (
+        finite_garbage(x, mask, g) for x in (lp, old, ref, adv, entropy, old_values, values, returns))
+    rows = types.SimpleNamespace(response_mask=mask, trained=trained, old_logprobs=old, advantages=adv,
+                                 ref_logprobs=ref, values=old_values if critic else None, returns=returns)
+    return rows, lp, entropy, values if critic else None
+
+
+def select_rows(rows, idx):
+    return types.SimpleNamespace(**{k: None if v is None else v[idx] for k, v in vars(rows).items()})
+
+
+def ppo_settings(kind, mode, kl, entropy_coef, low, high, dual, max_new_tokens):
+    return ppo.make_config({"POLICY_LOSS": kind, "LOSS_AGGREGATION": mode, "CLIP_RANGE": 0.2,
+                            "CLIP_RANGE_LOW": low, "CLIP_RANGE_HIGH": high, "DUAL_CLIP": dual,
+                            "KL_IN_LOSS": kl is not None, "KL_ESTIMATOR": kl or "k1", "KL_LOSS_COEF": 0.3,
+                            "ENTROPY_COEF": entropy_coef, "VALUE_LOSS_COEF": 0.7, "CLIP_RANGE_VALUE": 0.2,
+                            "MAX_NEW_TOKENS": max_new_tokens})
+
+
+def ppo_loss_reference(lp, entropy, values, rows, cfg, low, high):
+    """aggregate(pg - c2 H [+ KL_LOSS_COEF kl]) over the trained rows' tokens, with pg from the
+    reference of POLICY_LOSS, + c1 * the token mean of ppo.clipped_value_loss over response tokens."""
+    mask = (rows.response_mask & rows.trained[:, None]).tolist()
+    L, H, O, A, R = lp.tolist(), entropy.tolist(), rows.old_logprobs.tolist(), rows.advantages.tolist(), \
+        rows.ref_logprobs.tolist()
+    if cfg.POLICY_LOSS == "gspo":
+        seq = gspo_reference(L, O, A, mask, low, high, cfg.DUAL_CLIP)[0]
+    terms = []
+    for b, row in enumerate(mask):
+        terms.append([])
+        for t, valid in enumerate(row):
+            if not valid:
+                terms[b].append(float("nan"))
+                continue
+            if cfg.POLICY_LOSS == "ppo":
+                pg = surrogate_reference(math.exp(L[b][t] - O[b][t]), A[b][t], low, high, cfg.DUAL_CLIP)[0]
+            elif cfg.POLICY_LOSS == "cispo":
+                pg = cispo_reference(L[b][t], O[b][t], A[b][t], low, high)[0]
+            else:
+                pg = seq[b][0]
+            term = pg - cfg.ENTROPY_COEF * H[b][t]
+            if cfg.KL_IN_LOSS:
+                term += cfg.KL_LOSS_COEF * kl_reference(L[b][t], R[b][t], cfg.KL_ESTIMATOR)[0]
+            terms[b].append(term)
+    total = aggregate_reference(terms, mask, cfg.LOSS_AGGREGATION, cfg.MAX_NEW_TOKENS)[0]
+    if values is not None:
+        vf = ppo.clipped_value_loss(values, rows.values, rows.returns, cfg.CLIP_RANGE_VALUE)[0]
+        total += cfg.VALUE_LOSS_COEF * statistics.fmean(valid_entries(vf, rows.response_mask))
+    return total
+
+
+PPO_LOSS_CASES = dict(batch=st.integers(1, 6), width=st.integers(1, 8), extra=st.integers(0, 4),
+                      kind=st.sampled_from(["ppo", "cispo", "gspo"]), mode=st.sampled_from(MODES),
+                      kl=st.sampled_from([None, "k1", "k2", "k3"]), entropy_coef=st.sampled_from([0.0, 0.01, 0.3]),
+                      critic=st.booleans(), low=st.one_of(st.none(), st.floats(0.05, 0.4)),
+                      high=st.one_of(st.none(), st.floats(0.05, 0.5)), dual=DUALS, seed=SEEDS)
+
+
+def ppo_loss_and_grads(lp, entropy, values, rows, cfg, parts):
+    """The trainer's way: counts summed over the parts, then ppo_loss of each part summed; returns
+    (loss, sums by name, gradients w.r.t. logprobs, entropy and values)."""
+    leaves = [x.clone().requires_grad_(True) for x in (lp, entropy) + ((values,) if values is not None else ())]
+    counts = sum(ppo.loss_counts(select_rows(rows, idx), cfg) for idx in parts)
+    total, sums = 0, {}
+    for idx in parts:
+        loss, part_sums = ppo.ppo_loss(leaves[0][idx], leaves[1][idx], leaves[2][idx] if values is not None else None,
+                                       select_rows(rows, idx), cfg, counts)
+        total = total + loss
+        sums = {k: sums.get(k, 0) + v for k, v in part_sums.items()}
+    return total, sums, torch.autograd.grad(total, leaves)
+
+
+@drawn(80)
+@given(data=st.data(), **PPO_LOSS_CASES)
+def test_ppo_loss_is_split_independent_and_matches_reference(data, batch, width, extra, kind, mode, kl,
+                                                             entropy_coef, critic, low, high, dual, seed):
+    """Summing ppo_loss over any micro-batch split (with loss_counts summed over the parts) gives the
+    one-piece loss, statistics and gradients w.r.t. logprobs / entropy / values, and the loss is
+    aggregate(pg - c2 H [+ kl]) + c1 * token-mean value loss."""
+    dual = 0.0 if kind == "cispo" else dual
+    cfg = ppo_settings(kind, mode, kl, entropy_coef, low, high, dual, width + extra)
+    rows, lp, entropy, values = ppo_case(seed, batch, width, kind, critic)
+    whole, whole_sums, whole_grads = ppo_loss_and_grads(lp, entropy, values, rows, cfg, [torch.arange(batch)])
+    split, split_sums, split_grads = ppo_loss_and_grads(lp, entropy, values, rows, cfg, draw_partition(data, batch))
+    assert_close(split, whole)
+    for got, expected in zip(split_grads, whole_grads):
+        assert_close(got, expected)
+    assert split_sums.keys() == whole_sums.keys()
+    for name in whole_sums:
+        assert_close(split_sums[name], whole_sums[name])
+    ref = ppo_loss_reference(lp, entropy, values, rows, cfg, 0.2 if low is None else low, 0.2 if high is None else high)
+    assert_close(whole, torch.tensor(ref, dtype=torch.float64))
+
+
+def test_ppo_loss_untrained_rows_contribute_nothing():
+    """Rows with trained=False get exactly zero gradient w.r.t. logprobs and entropy, and their
+    advantages, old and reference logprobs change neither the loss nor any gradient."""
+    seen = set()
+
+    @drawn(60)
+    @given(**{**PPO_LOSS_CASES, "batch": st.integers(2, 6)})
+    def check(batch, width, extra, kind, mode, kl, entropy_coef, critic, low, high, dual, seed):
+        untrained_rows_check(batch, width, extra, kind, mode, kl, entropy_coef, critic, low, high, dual, seed, seen)
+
+    check()
+    assert seen == {"trained_rows_have_gradient"}       # the zero gradients above are not all there is
+
+
+def untrained_rows_check(batch, width, extra, kind, mode, kl, entropy_coef, critic, low, high, dual, seed, seen):
+    dual = 0.0 if kind == "cispo" else dual
+    cfg = ppo_settings(kind, mode, kl, entropy_coef, low, high, dual, width + extra)
+    rows, lp, entropy, values = ppo_case(seed, batch, width, kind, critic)
+    rows.trained[0], rows.trained[-1] = False, True
+    loss, _, grads = ppo_loss_and_grads(lp, entropy, values, rows, cfg, [torch.arange(batch)])
+    off = ~rows.trained
+    assert (grads[0][off] == 0).all() and (grads[1][off] == 0).all()
+    if (grads[0][rows.trained] != 0).any():
+        seen.add("trained_rows_have_gradient")
+    changed = select_rows(rows, torch.arange(batch))
+    g = gen(seed + 1)
+    for name in ("advantages", "old_logprobs", "ref_logprobs"):
+        noise = torch.randn(batch, width, generator=g, dtype=torch.float64)
+        setattr(changed, name, torch.where(off[:, None], getattr(rows, name) + noise, getattr(rows, name)))
+    changed_loss, _, changed_grads = ppo_loss_and_grads(lp, entropy, values, changed, cfg, [torch.arange(batch)])
+    assert_close(changed_loss, loss, rtol=0, atol=0)
+    for got, expected in zip(changed_grads, grads):
+        assert_close(got, expected, rtol=0, atol=0)
