@@ -149,7 +149,8 @@ OVERLONG_BUFFER = 0                 # DAPO's soft overlong penalty: over the las
 OVERLONG_PENALTY = 1.0              # MAX_NEW_TOKENS, the score falls linearly by up to this
                                     # (OVERLONG_BUFFER = 0: off)
 DYNAMIC_SAMPLING = False            # train only on groups whose scores differ (DAPO); the others
-                                    # have zero group advantage and would only dilute the gradient
+                                    # have zero group advantage (no KL in the reward: KL_COEF = 0
+                                    # or KL_IN_LOSS) and would only dilute the gradient
 REFERENCE_REWARD = 0.0              # + this to the score when the dataset output matches (0 = off)
 ANSWER_MATCH = "last_number"        # answer rule: "last_number" (math) | "exact" | "contains"
 STOP_TOKENS = []                    # tokens that end a response besides EOS, e.g. ["<|im_end|>"]
@@ -388,6 +389,10 @@ def policy_loss_problems(cfg: Config) -> List[str]:
         problems.append(f"DYNAMIC_SAMPLING drops groups whose responses all scored the same, which "
                         "carry no signal only for a group baseline: ADVANTAGE_ESTIMATOR = "
                         f"{cfg.ADVANTAGE_ESTIMATOR!r}; use 'grpo', 'dr_grpo' or 'rloo'.")
+    if cfg.DYNAMIC_SAMPLING and cfg.KL_COEF and not cfg.KL_IN_LOSS:
+        problems.append(f"DYNAMIC_SAMPLING drops groups whose scores are all equal, but with the KL "
+                        f"in the reward (KL_COEF = {cfg.KL_COEF}) their advantages are not zero: "
+                        "set KL_COEF = 0 (DAPO has no KL) or KL_IN_LOSS = True.")
     if not 0 <= cfg.OVERLONG_BUFFER <= cfg.MAX_NEW_TOKENS:
         problems.append(f"OVERLONG_BUFFER = {cfg.OVERLONG_BUFFER!r} must be in [0, MAX_NEW_TOKENS "
                         f"= {cfg.MAX_NEW_TOKENS}].")
@@ -736,7 +741,8 @@ def ppo_loss(logprobs, entropy, values, batch, cfg, counts: torch.Tensor
     """One micro-batch's share of its minibatch's loss: the policy terms (POLICY_LOSS - c2 * H,
     + KL_LOSS_COEF * KL with KL_IN_LOSS) aggregated by LOSS_AGGREGATION, + c1 * the token mean of
     the value loss, each over the denominator of the whole minibatch (counts, from loss_counts).
-    Rows not `trained` (DYNAMIC_SAMPLING) add nothing. Returns the loss and the token sums of its
+    Rows not `trained` (DYNAMIC_SAMPLING, group estimators only) add nothing to the policy terms
+    (the value loss, critic runs only, takes every row). Returns the loss and the token sums of its
     statistics, by name."""
     mask = batch.response_mask & batch.trained[:, None]
     pg_loss, pg_clipped = policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, cfg)

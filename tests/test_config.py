@@ -76,6 +76,7 @@ def test_invalid_json_file_gives_line_and_column(tmp_path):
     ({"KL_IN_LOSS": True, "ADAPTIVE_KL": True}, ["ADAPTIVE_KL", "KL_IN_LOSS"]),
     ({"KL_LOSS_COEF": -1.0}, ["KL_LOSS_COEF", ">= 0"]),
     ({"DYNAMIC_SAMPLING": True}, ["DYNAMIC_SAMPLING", "'gae'", "'grpo'"]),
+    ({"DYNAMIC_SAMPLING": True, "ADVANTAGE_ESTIMATOR": "grpo"}, ["KL_COEF = 0.05", "KL_COEF = 0 ", "KL_IN_LOSS"]),
     ({"OVERLONG_BUFFER": 200, "MAX_NEW_TOKENS": 128}, ["OVERLONG_BUFFER", "MAX_NEW_TOKENS = 128"]),
     ({"OVERLONG_BUFFER": 16, "OVERLONG_PENALTY": -1.0}, ["OVERLONG_PENALTY", ">= 0"]),
     ({"LAM": 1.5}, ["LAM", "[0, 1]"]),

@@ -129,6 +129,8 @@ def valid_variant(drawn):
         drawn["DUAL_CLIP"] = 0.0
     if drawn["ADVANTAGE_ESTIMATOR"] not in ppo.GROUP_ESTIMATORS:
         drawn["DYNAMIC_SAMPLING"] = False
+    if drawn["DYNAMIC_SAMPLING"] and not drawn["KL_IN_LOSS"]:
+        drawn["KL_COEF"] = 0.0
     if drawn["ADVANTAGE_ESTIMATOR"] in ppo.GROUP_ESTIMATORS and drawn["GROUP_SIZE"] < 2:
         drawn["GROUP_SIZE"] = 2
     return drawn

@@ -140,7 +140,7 @@ def test_dynamic_sampling_trains_on_exactly_the_informative_groups(tiny, random_
             return torch.where(torch.tensor([p in self.constant for p in prompts]), 0.5, scores)
 
     settings = tiny_settings(tiny, tmp_path / "out", ACTOR_MODEL=random_policy, MAX_NEW_TOKENS=6, STOP_TOKENS=["1"],
-                             ADVANTAGE_ESTIMATOR="grpo", GROUP_SIZE=2, DYNAMIC_SAMPLING=True,
+                             ADVANTAGE_ESTIMATOR="grpo", GROUP_SIZE=2, DYNAMIC_SAMPLING=True, KL_COEF=0.0,
                              LOSS_AGGREGATION="seq-mean-token-mean", EVAL_DATASETS=[], MISSING_EOS_PENALTY=0.0)
     trainer = SameScoreForSomePrompts(**settings)
     trainer.constant = (PROMPTS[0], PROMPTS[2])
