@@ -18,7 +18,8 @@ Deliberate choices, where references differ:
 2. The score is added at the last real response token (the EOS when there is one), not at the
    first padding position after it.
 3. Masks come from the position of the first stop token, never from `token != pad_id`.
-4. Losses are token-level means over the whole optimizer minibatch: BATCH_SIZE=1 with
+4. Losses are token-level means over the whole optimizer minibatch (or LOSS_AGGREGATION's
+   sequence means, counted over the whole minibatch too): BATCH_SIZE=1 with
    GRADIENT_ACCUMULATION_STEPS=8 gives the gradient of BATCH_SIZE=8 with 1.
 5. A response with no EOS keeps its score minus MISSING_EOS_PENALTY (lm-human-preferences
    replaces it with a constant instead).
@@ -390,9 +391,9 @@ def policy_loss_problems(cfg: Config) -> List[str]:
                         "carry no signal only for a group baseline: ADVANTAGE_ESTIMATOR = "
                         f"{cfg.ADVANTAGE_ESTIMATOR!r}; use 'grpo', 'dr_grpo' or 'rloo'.")
     if cfg.DYNAMIC_SAMPLING and cfg.KL_COEF and not cfg.KL_IN_LOSS:
-        problems.append(f"DYNAMIC_SAMPLING drops groups whose scores are all equal, but with the KL "
-                        f"in the reward (KL_COEF = {cfg.KL_COEF}) their advantages are not zero: "
-                        "set KL_COEF = 0 (DAPO has no KL) or KL_IN_LOSS = True.")
+        problems.append("DYNAMIC_SAMPLING drops groups whose scores are all equal, but with the "
+                        f"KL in the reward (KL_COEF = {cfg.KL_COEF}) their advantages are not "
+                        "zero: set KL_COEF = 0 (DAPO has no KL) or KL_IN_LOSS = True.")
     if not 0 <= cfg.OVERLONG_BUFFER <= cfg.MAX_NEW_TOKENS:
         problems.append(f"OVERLONG_BUFFER = {cfg.OVERLONG_BUFFER!r} must be in [0, MAX_NEW_TOKENS "
                         f"= {cfg.MAX_NEW_TOKENS}].")
@@ -1170,6 +1171,43 @@ def response_texts(tokenizer, prompt_ids: List[List[int]],
     texts = [j[len(p):] if j.startswith(p) else None for p, j in zip(prompts, joint)]
     alone = decode([r for r, text in zip(response_ids, texts) if text is None])
     return [text if text is not None else alone.pop(0) for text in texts]
+
+
+TOKENIZER_PROBES = ("Hello world", " a leading space,  two spaces",
+                    "What is 3 + 4?\nThe answer is 7.", "naïve café, 日本語, 🙂", "x\t\ty  \n\nz")
+
+
+def shares_tokenizer(policy_tokenizer, reward_tokenizer) -> bool:
+    """Whether the reward model's tokenizer is the policy's in effect: the same vocabulary and the
+    same ids for the same texts (a path or a class name proves nothing)."""
+    if policy_tokenizer.get_vocab() != reward_tokenizer.get_vocab():
+        return False
+    return all(policy_tokenizer(text, add_special_tokens=False)["input_ids"] ==
+               reward_tokenizer(text, add_special_tokens=False)["input_ids"]
+               for text in TOKENIZER_PROBES)
+
+
+def special_tokens_around(tokenizer) -> Tuple[List[int], List[int]]:
+    """The ids a tokenizer's post-processor puts before and after a text (BOS, EOS, ...)."""
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return full[:start], full[start + len(bare):]
+    return [], []
+
+
+def reward_ids_from_policy(prompt_ids: List[int], response_ids: List[int], prefix: List[int],
+                           suffix: List[int], limit: Optional[int]) -> List[int]:
+    """A reward model's input made of the policy's own ids: the reward tokenizer's special tokens
+    around prompt + response (a BOS the prompt starts with is not doubled), the content cut from
+    the left to fit `limit`, as the tokenizer truncates text."""
+    content = list(prompt_ids) + list(response_ids)
+    if prefix and content[:len(prefix)] == prefix:
+        content = content[len(prefix):]
+    if limit is not None:
+        content = content[max(0, len(content) - max(1, limit - len(prefix) - len(suffix))):]
+    return list(prefix) + content + list(suffix)
 
 
 def reward_input_limit(tokenizer, model: nn.Module) -> Optional[int]:
@@ -2018,6 +2056,15 @@ class PPOTrainer:
         bos = self.reward_tokenizer.bos_token_id
         self.reward_adds_bos = (bos is not None
                                 and self.reward_tokenizer("x")["input_ids"][:1] == [bos])
+        # A reward model without a chat template and with the policy's tokenizer reads the ids the
+        # policy sampled: no decode and re-encode, which may merge or split tokens differently.
+        self.reward_reads_policy_ids = (not self.reward_tokenizer.chat_template and
+                                        shares_tokenizer(self.tokenizer, self.reward_tokenizer))
+        self.reward_specials = special_tokens_around(self.reward_tokenizer)
+        self.generated_ids: Dict[Tuple[str, str], List[int]] = {}   # (prompt, response): its ids
+        if self.reward_reads_policy_ids:
+            logger.info("The reward model has the policy's tokenizer and no chat template: it "
+                        "reads the policy's own token ids of prompt and response.")
         if saved is not None:
             self.state = restore_checkpoint(saved, self.checkpoint, cfg, self.backend)
 
@@ -2099,8 +2146,9 @@ class PPOTrainer:
             responses += [row[:n].tolist() for row, n in zip(generated, lengths.tolist())]
             has_eos += has_stop.tolist()
         policy.train()
-        texts = response_texts(self.tokenizer, queries,
-                               [r[:-1] if eos else r for r, eos in zip(responses, has_eos)])
+        bodies = [r[:-1] if eos else r for r, eos in zip(responses, has_eos)]
+        texts = response_texts(self.tokenizer, queries, bodies)
+        self.generated_ids.update(zip(zip(prompts, texts), bodies))
         query_ids, query_mask = pad_left(queries, pad)
         response_ids, response_mask = pad_right(responses, pad)
         to = self.device
@@ -2124,30 +2172,42 @@ class PPOTrainer:
         bigrams = list(zip(ids, ids[1:]))
         return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
 
+    def reward_input_ids(self, prompts: List[str], responses: List[str]) -> List[List[int]]:
+        """What the reward model reads for each pair, in its tokenizer's ids: the policy's own ids
+        of a pair that generate_response wrote, when the reward model shares the policy's tokenizer
+        and has no chat template; else its own template with prompt and response as two turns, or
+        the text the policy conditioned on followed by what it wrote."""
+        tok, rows, texts = self.reward_tokenizer, [], []
+        for p, r in zip(prompts, responses):
+            own = self.generated_ids.get((p, r)) if self.reward_reads_policy_ids else None
+            if own is not None:
+                rows.append(reward_ids_from_policy(self.prompt_ids[p], own, *self.reward_specials,
+                                                   self.reward_max_length))
+                continue
+            rows.append(None)
+            if tok.chat_template:        # its own template separates the turns
+                texts.append(tok.apply_chat_template(
+                    [{"role": "user", "content": self.prompt_contents.get(p, p)},
+                     {"role": "assistant", "content": r.lstrip()}], tokenize=False))
+            else:                        # the text the policy conditioned on, then what it wrote
+                text = self.prompt_texts.get(p, p) + r
+                # a template's BOS as text: the tokenizer adds its own
+                texts.append(text.removeprefix(tok.bos_token) if self.reward_adds_bos else text)
+        encoded = iter(tok(texts, add_special_tokens=not tok.chat_template,
+                           truncation=self.reward_max_length is not None,
+                           max_length=self.reward_max_length)["input_ids"] if texts else [])
+        return [row if row is not None else next(encoded) for row in rows]
+
     @torch.no_grad()
     def reward_model_scores(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
-        """Batched reward-model scores (B,): its own tokenizer and chat template, read at the last
-        real token."""
-        tok = self.reward_tokenizer
-        if tok.chat_template:            # its own template separates the turns
-            texts = [tok.apply_chat_template([{"role": "user",
-                                               "content": self.prompt_contents.get(p, p)},
-                                              {"role": "assistant", "content": r.lstrip()}],
-                                             tokenize=False) for p, r in zip(prompts, responses)]
-        else:                            # the text the policy conditioned on, then what it wrote
-            texts = [self.prompt_texts.get(p, p) + r for p, r in zip(prompts, responses)]
-            if self.reward_adds_bos:     # a template's BOS as text: the tokenizer adds its own
-                texts = [text.removeprefix(tok.bos_token) for text in texts]
-        scores = []
+        """Batched reward-model scores (B,) of reward_input_ids, read at the last real token."""
+        rows, scores = self.reward_input_ids(prompts, responses), []
         chunk = self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE
-        for start in range(0, len(texts), chunk):
-            enc = tok(texts[start:start + chunk], padding=True, return_tensors="pt",
-                      add_special_tokens=not tok.chat_template,
-                      truncation=self.reward_max_length is not None,
-                      max_length=self.reward_max_length).to(self.device)
+        for start in range(0, len(rows), chunk):
+            ids, mask = pad_right(rows[start:start + chunk], self.reward_tokenizer.pad_token_id)
             with self.backend.autocast():
-                scores.append(sequence_scores(self.reward_model, enc["input_ids"],
-                                              enc["attention_mask"]))
+                scores.append(sequence_scores(self.reward_model, ids.to(self.device),
+                                              mask.long().to(self.device)))
         return torch.cat(scores)
 
     def reference_matches(self, prompts: List[str],
@@ -2248,6 +2308,7 @@ class PPOTrainer:
         the reward moments to keep, and the rollout's metrics."""
         check = lambda: self.stop_request.check(self.backend)      # noqa: E731
         timer = timer if timer is not None else Timer(self.device)
+        self.generated_ids = {}
         with timer("generate"):            # 1. sample, cut each response after its first stop token
             rollout = self.generate_response([p for p in prompts
                                               for _ in range(self.cfg.GROUP_SIZE)])
@@ -2425,6 +2486,7 @@ class PPOTrainer:
         response length, EOS rate. Override to add metrics: eval_metrics["custom_metric"] = ...;
         logged as eval/<name>; self.eval_responses holds the responses (this process's share)."""
         prompts, real = shard(eval_prompts, self.backend.rank, self.backend.world)
+        self.generated_ids = {}
         starts = range(0, len(prompts), self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE)
         generations = [self.generate_response(prompts[s:s +
                                                       self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE],

@@ -52,6 +52,21 @@ def family(tmp_path, name, tokenizer, reward_tokenizer=None):
             save_model(reward, reward_tokenizer, tmp_path / f"{name}_reward"))
 
 
+def with_extra_token(tokenizer):
+    """The same tokenizer plus one token: another vocabulary, so the reward model reads decoded text."""
+    import copy
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["<extra>"])
+    return other
+
+
+def reward_ids_seen(monkeypatch):
+    """The (ids, attention mask) batches the reward model is given from now on."""
+    inputs, original = [], ppo.sequence_scores
+    monkeypatch.setattr(ppo, "sequence_scores", lambda m, i, a: (inputs.append((i, a)), original(m, i, a))[1])
+    return inputs
+
+
 def reward_texts_seen(trainer, monkeypatch):
     """Texts given to the reward tokenizer's class from now on (the policy's may share the class)."""
     seen = []
@@ -67,17 +82,18 @@ def reward_texts_seen(trainer, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "whitespace_words"])
 def test_the_reward_model_reads_what_the_policy_conditioned_on_and_wrote(tiny, tmp_path, kind, monkeypatch):
-    """Without a reward chat template the reward text is the decode of the policy's own prompt + response
-    ids, so its tokens are the policy's tokens; "the bird was" + "very quiet ." is not glued into
-    "wasvery" (an <unk> for a word-level vocabulary)."""
+    """A reward model with another tokenizer and no chat template reads the decode of the policy's own
+    prompt + response ids, so its tokens are the policy's tokens; "the bird was" + "very quiet ." is not
+    glued into "wasvery" (an <unk> for a word-level vocabulary)."""
     tok = sentencepiece_tokenizer() if kind == "sentencepiece" else whitespace_word_tokenizer()
     prompt_ids = tok("the bird was")["input_ids"]
     response_ids = tok("very quiet .", add_special_tokens=False)["input_ids"]
     alone = tok.decode(response_ids, skip_special_tokens=True)
     assert ("the bird was" + alone).split()[2] == "wasvery", "the tokenizer must drop the leading space"
-    policy, reward = family(tmp_path, kind, tok)
+    policy, reward = family(tmp_path, kind, tok, reward_tokenizer=with_extra_token(tok))
     trainer = ppo.PPOTrainer(**tiny_settings(tiny, tmp_path / "out", ACTOR_MODEL=policy, REWARD_MODEL=reward,
-                                             CRITIC_MODEL=reward, MAX_NEW_TOKENS=6, USE_CHAT_TEMPLATE=False))
+                                             CRITIC_MODEL=policy, MAX_NEW_TOKENS=6, USE_CHAT_TEMPLATE=False))
+    assert not trainer.reward_reads_policy_ids
     prompts = ["the bird was", "What is 3 + 4 ?"]
     rollout = trainer.generate_response(prompts * 2)
     seen = reward_texts_seen(trainer, monkeypatch)
@@ -229,3 +245,74 @@ def test_a_long_prompt_keeps_its_chat_header_and_the_reward_model_reads_what_was
     seen = reward_texts_seen(trainer, monkeypatch)
     trainer.reward_model_scores([prompt], [" 1368."])
     assert seen == [tok.decode(ids) + " 1368."] and "123" not in seen[0]
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "whitespace_words", "word_level_with_eos"])
+def test_a_reward_model_with_the_policys_tokenizer_reads_the_policys_own_ids(tiny, tmp_path, kind, monkeypatch):
+    """The same vocabulary and the same ids for the same texts (checked, not taken from a path or a class):
+    the reward model reads the ids the policy sampled, inside the reward tokenizer's own BOS / EOS (one BOS,
+    not two), with no decode and re-encode: a non-canonical tokenization stays as sampled. A pair that
+    generate_response did not write (a changed response) is tokenized from its text."""
+    if kind == "word_level_with_eos":            # the shipped default's shape: the reward tokenizer adds EOS
+        trainer = ppo.PPOTrainer(**tiny_settings(tiny, tmp_path / "out", MAX_NEW_TOKENS=6))
+    else:
+        tok = sentencepiece_tokenizer() if kind == "sentencepiece" else whitespace_word_tokenizer()
+        reward_tok = tok if kind == "sentencepiece" else whitespace_word_tokenizer(append_eos=True)
+        policy, reward = family(tmp_path, kind, tok, reward_tokenizer=reward_tok)
+        trainer = ppo.PPOTrainer(**tiny_settings(tiny, tmp_path / "out", ACTOR_MODEL=policy, REWARD_MODEL=reward,
+                                                 CRITIC_MODEL=policy, MAX_NEW_TOKENS=6, USE_CHAT_TEMPLATE=False))
+    tok, rtok = trainer.tokenizer, trainer.reward_tokenizer
+    assert trainer.reward_reads_policy_ids
+    assert "reads the policy's own token ids" in trainer.log_path.read_text()
+    prefix, suffix = trainer.reward_specials
+    assert prefix == [rtok.bos_token_id] and suffix == ([] if kind == "sentencepiece" else [rtok.eos_token_id])
+    prompts = ["the bird was", "What is 3 + 4 ?"] if kind != "word_level_with_eos" else ["What is 3 + 4?"] * 2
+    rollout = trainer.generate_response(prompts * 2)
+    inputs = reward_ids_seen(monkeypatch)
+    trainer.reward_model_scores(rollout.prompts, rollout.responses)
+    ids, attention = inputs[0]
+    for row, mask, query, qmask, response, rmask in zip(ids, attention, rollout.query_ids, rollout.query_mask,
+                                                        rollout.response_ids, rollout.response_mask):
+        body = response[rmask].tolist()
+        body = body[:-1] if body[-1] in trainer.stop_ids else body
+        prompt_ids = query[qmask].tolist()
+        assert prompt_ids[0] == rtok.bos_token_id and prompt_ids.count(rtok.bos_token_id) == 1
+        assert row[mask.bool()].tolist() == prompt_ids + body + suffix
+    # SentencePiece: " very" sampled one piece per character, where its tokenizer writes one piece.
+    prompt = "What is 3 + 4?" if kind == "word_level_with_eos" else "the bird was"
+    word = " 17" if kind == "word_level_with_eos" else " very"
+    canonical = tok(word, add_special_tokens=False)["input_ids"]
+    pieces = tok.convert_tokens_to_ids(["\u2581", "v", "e", "r", "y"]) if kind == "sentencepiece" else canonical
+    text = ppo.response_texts(tok, [trainer.prompt_ids[prompt]], [pieces])[0]
+    trainer.generated_ids[(prompt, text)] = pieces
+    own, retokenized = trainer.reward_input_ids([prompt, prompt], [text, text + " ."])
+    assert own == trainer.prompt_ids[prompt] + pieces + suffix
+    if kind == "sentencepiece":
+        assert text == word and pieces != canonical and tok.unk_token_id not in pieces
+        assert own != rtok(trainer.prompt_texts[prompt].removeprefix(rtok.bos_token) + text)["input_ids"]
+    assert retokenized == rtok(trainer.prompt_texts[prompt].removeprefix(rtok.bos_token) + text + " .")["input_ids"]
+
+
+def test_a_lookalike_tokenizer_is_not_taken_for_the_policys():
+    """Same vocabulary, same class, but a lowercasing normalizer: the ids differ for the same text, so the
+    reward model must read text; and another vocabulary order is another tokenizer."""
+    from tokenizers import normalizers
+    from conftest import word_tokenizer as words
+    tok = whitespace_word_tokenizer()
+    lower = whitespace_word_tokenizer()
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert tok.get_vocab() == lower.get_vocab() and type(tok) is type(lower)
+    assert ppo.shares_tokenizer(tok, whitespace_word_tokenizer(append_eos=True))
+    assert not ppo.shares_tokenizer(tok, lower)
+    assert not ppo.shares_tokenizer(words(), words(reverse_vocab=True))
+
+
+def test_reward_ids_from_policy_keeps_one_bos_and_cuts_from_the_left():
+    bos, eos = 1, 2
+    assert ppo.reward_ids_from_policy([bos, 5, 6], [7, 8], [bos], [eos], None) == [bos, 5, 6, 7, 8, eos]
+    assert ppo.reward_ids_from_policy([5, 6], [7, 8], [bos], [eos], None) == [bos, 5, 6, 7, 8, eos]
+    assert ppo.reward_ids_from_policy([bos, 5, 6], [7, 8], [], [], None) == [bos, 5, 6, 7, 8]
+    assert ppo.reward_ids_from_policy([bos, 5, 6], [7, 8], [bos], [eos], 4) == [bos, 7, 8, eos]
+    for limit in range(3, 9):
+        cut = ppo.reward_ids_from_policy([bos, 3, 4, 5, 6], [7, 8, 9], [bos], [eos], limit)
+        assert len(cut) == min(limit, 9) and cut[0] == bos and cut[-2:] == [9, eos]
