@@ -29,8 +29,10 @@ Deliberate choices, where references differ:
    Under Adam a constant factor on a loss barely changes the update, so VALUE_LOSS_COEF matters
    through clipping and the logged total loss; to make the critic learn faster raise
    CRITIC_LEARNING_RATE.
-7. The reward model reads decoded text (prompt + response, or its own chat template) with its
-   own tokenizer, so policy and reward model need not share a vocabulary.
+7. A reward model with the policy's tokenizer (checked: same vocabulary, same ids) and no chat
+   template reads the policy's own token ids; any other reads decoded text (the prompt as the
+   policy saw it + the response, or its own chat template) with its own tokenizer, so policy and
+   reward model need not share a vocabulary.
 
 References: PPO (Schulman et al. 2017, arXiv 1707.06347); Ziegler et al. 2019 (arXiv 1909.08593,
 openai/lm-human-preferences); "The N Implementation Details of RLHF with PPO" (Huang et al.,
@@ -106,7 +108,9 @@ LEARNING_RATE = 3e-5                # policy lr (tiny default); 0.5B-7B: 1e-6 to
 CRITIC_LEARNING_RATE = 1e-4         # critic lr; 0.5B-7B models: 5e-6 to 1e-5
 WEIGHT_DECAY = 0.0                  # AdamW decoupled weight decay, both models
 MAX_GRAD_NORM = 1.0                 # clip each model's grad norm at this (guide: 0.5 if unstable)
-USE_LR_SCHEDULER = False            # off: constant learning rates
+USE_LR_SCHEDULER = True             # on: LR_SCHEDULER_TYPE over the run (off: constant rates). The
+                                    # shipped default ends at its best with cosine; with a constant
+                                    # rate it drifts 4 points below it (README)
 LR_SCHEDULER_TYPE = "cosine"        # "cosine" | "linear" | "constant" (after warmup) | "plateau"
                                     # (on EARLY_STOPPING_METRIC)
 WARMUP_STEPS = 0                    # optimizer steps of linear warmup (with USE_LR_SCHEDULER)
@@ -770,15 +774,16 @@ def ppo_loss(logprobs, entropy, values, batch, cfg, counts: torch.Tensor
     return loss, sums
 
 
-def skipped_update_metrics(optimizer_steps: int, with_critic: bool,
-                           kl_in_loss: bool) -> Dict[str, torch.Tensor]:
-    """update_metrics' keys for a step whose update did not run: NaN statistics, every optimizer
-    step skipped."""
+def skipped_update_metrics(optimizer_steps: int, with_critic: bool, cfg,
+                           nothing_to_learn: bool) -> Dict[str, torch.Tensor]:
+    """update_metrics' keys for a step whose update did not run (a NaN, or nothing to learn):
+    NaN statistics, every optimizer step skipped."""
     names = ("tokens", "pg_loss", "entropy", "pg_clipped", "approx_kl", "ratio") + (
-        ("vf_loss", "vf_clipped") if with_critic else ()) + (("kl_loss",) if kl_in_loss else ())
+        ("vf_loss", "vf_clipped") if with_critic else ()) + (("kl_loss",) if cfg.KL_IN_LOSS else ())
     nan = torch.tensor(math.nan)
+    empty = (optimizer_steps if nothing_to_learn else 0) if cfg.DYNAMIC_SAMPLING else None
     return update_metrics(dict.fromkeys(names, nan), torch.full((1, 2), math.nan), 0,
-                          optimizer_steps)
+                          optimizer_steps, empty)
 
 
 def learning_rates(state, plan, cfg) -> Tuple[float, float]:
@@ -792,10 +797,11 @@ def learning_rates(state, plan, cfg) -> Tuple[float, float]:
 
 
 def update_metrics(sums: Dict[str, torch.Tensor], norms: torch.Tensor, epochs: int,
-                   skipped: int) -> Dict[str, torch.Tensor]:
+                   skipped: int, empty: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """The update's log rows from ppo_loss's sums over the whole update and the gradient norms
     (optimizer steps, models); NaN sums and norms give the same keys for a step whose update was
-    skipped."""
+    skipped. skipped counts every optimizer step not taken; empty (DYNAMIC_SAMPLING) those of
+    them with no row to train, which are not NaN skips."""
     per_token = {name: value / sums["tokens"].clamp(min=1) for name, value in sums.items()}
     metrics = {"ppo/loss/policy": per_token["pg_loss"],
                "ppo/policy/entropy": per_token["entropy"],
@@ -804,6 +810,7 @@ def update_metrics(sums: Dict[str, torch.Tensor], norms: torch.Tensor, epochs: i
                "ppo/ratio_mean": per_token["ratio"],
                "ppo/epochs": torch.tensor(float(epochs)),
                "ppo/skipped_optimizer_steps": torch.tensor(float(skipped)),
+               **({} if empty is None else {"ppo/empty_minibatches": torch.tensor(float(empty))}),
                "grad_norm/policy": norms[:, 0].nanmean()}
     if "kl_loss" in sums:
         metrics["ppo/loss/kl"] = per_token["kl_loss"]
@@ -2373,9 +2380,12 @@ class PPOTrainer:
                          first_pass: Optional[PolicyPass] = None) -> Dict[str, torch.Tensor]:
         """Forward and backward over one minibatch; every loss term is a sum over rows divided by
         its count over the whole minibatch on all processes (loss_counts), so the gradient does not
-        depend on how it is split. Returns ppo_loss's statistics summed over the minibatch."""
+        depend on how it is split. Returns ppo_loss's statistics summed over the minibatch, or
+        None when DYNAMIC_SAMPLING left no row of it to train on any process."""
         batches = [experience.select(idx) for idx in micro_batches]
         counts = self.backend.all_sum(sum(loss_counts(batch, self.cfg) for batch in batches))
+        if counts[0] == 0:
+            return None
         counts = counts / self.backend.world               # DDP averages gradients over processes
         totals: Dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
@@ -2390,17 +2400,22 @@ class PPOTrainer:
 
     def ppo_update(self, experience: Experience, schedule=None,
                    first_pass: Optional[PolicyPass] = None) -> Dict[str, torch.Tensor]:
-        """GROUP_EPOCHES shuffled passes over the experience, an optimizer step per minibatch; with
+        """GROUP_EPOCHES shuffled passes over the experience, an optimizer step per minibatch (none
+        for a minibatch with nothing to train: a stale Adam momentum would move the weights); with
         TARGET_KL, the remaining passes are dropped once the approximate KL of a pass exceeds it."""
         cfg = self.cfg
         schedule = schedule or minibatch_schedule(len(experience), self.state.global_step, cfg)
         totals: Dict[str, torch.Tensor] = {}
-        norms, skipped, epochs_done = [], 0, 0
+        norms, skipped, empty, epochs_done = [], 0, 0, 0
         for minibatches in schedule:
             epoch: Dict[str, torch.Tensor] = {}
             for micro_batches in minibatches:
                 sums = self.minibatch_update(experience, micro_batches, first_pass)
                 first_pass = None
+                if sums is None:
+                    norms.append(torch.full((2,), math.nan, device=self.device))
+                    skipped, empty = skipped + 1, empty + 1
+                    continue
                 epoch = {k: epoch.get(k, 0) + v for k, v in sums.items()}
                 step_norms, stepped = self.optimizer_step()
                 norms.append(step_norms)
@@ -2412,7 +2427,8 @@ class PPOTrainer:
                                                                epoch["tokens"]]))
                 if kl / tokens > cfg.TARGET_KL:
                     break
-        return update_metrics(totals, torch.stack(norms), epochs_done, skipped)
+        return update_metrics(totals, torch.stack(norms), epochs_done, skipped,
+                              empty if cfg.DYNAMIC_SAMPLING else None)
 
     def train_step(self, prompts: List[str]) -> Dict[str, float]:
         """One PPO step on this process's prompts: the experience, then the update. Returns its
@@ -2436,11 +2452,10 @@ class PPOTrainer:
                     logger.info(f"step {self.state.global_step + 1}: the responses of every group "
                                 "scored the same (DYNAMIC_SAMPLING): nothing to learn, no update.")
                 metrics.update(skipped_update_metrics(optimizer_steps_per_update(schedule),
-                                                      experience.values is not None,
-                                                      cfg.KL_IN_LOSS))
+                                                      experience.values is not None, cfg,
+                                                      nothing_to_learn=bool(nonfinite == 0)))
         metrics = self.backend.mean_metrics(metrics)
-        self.commit_step(metrics, moments, len(experience) * self.backend.world,
-                         nothing_to_learn=nonfinite == 0 and trained == 0)
+        self.commit_step(metrics, moments, len(experience) * self.backend.world)
         timer["step"] = time.perf_counter() - start
         generated = self.backend.all_sum(experience.response_mask.sum().float()).item()
         metrics.update({f"time/{name}": seconds for name, seconds in timer.items()})
@@ -2450,17 +2465,17 @@ class PPOTrainer:
         return metrics
 
     def commit_step(self, metrics: Dict[str, float], moments: Optional[tuple],
-                    n_responses: int, nothing_to_learn: bool = False) -> None:
+                    n_responses: int) -> None:
         """What a completed step changes in the run state besides the optimizer: reward moments,
-        skip counters (a step with nothing to learn is not a NaN skip), the adaptive KL
-        coefficient."""
+        the NaN skip counters (an optimizer step with nothing to train is not one), the adaptive
+        KL coefficient."""
         cfg, s = self.cfg, self.state
         if moments is not None:
             s.reward_mean, s.reward_var, s.reward_count = moments
-        if not nothing_to_learn:
-            skipped = metrics["ppo/skipped_optimizer_steps"] > 0
-            s.skipped_steps += skipped
-            s.consecutive_skips = s.consecutive_skips + 1 if skipped else 0
+        skipped = (metrics["ppo/skipped_optimizer_steps"] -
+                   metrics.get("ppo/empty_minibatches", 0)) > 0
+        s.skipped_steps += skipped
+        s.consecutive_skips = s.consecutive_skips + 1 if skipped else 0
         if s.consecutive_skips >= cfg.MAX_CONSECUTIVE_SKIPS:
             raise TrainingError(
                 f"{s.consecutive_skips} steps in a row hit a NaN / inf (MAX_CONSECUTIVE_SKIPS = "

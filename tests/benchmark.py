@@ -57,7 +57,6 @@ TRL_DIFFERENCES = [        # settings the two trainers do not share (everything 
     "TRL clips no gradient norm; ours clips each model at MAX_GRAD_NORM",
     "TRL has no entropy bonus; ours uses ENTROPY_COEF",
     "TRL keeps reference and reward model in fp32; ours in the mixed-precision dtype (bf16 on GPUs)",
-    "TRL's reward model reads the policy's token ids; ours decodes and re-tokenizes with the reward tokenizer",
     "TRL takes its old logprobs from generate's scores; ours from the update's first forward when the rollout "
     "is one micro-batch (as in these shapes), else from a policy forward",
 ]

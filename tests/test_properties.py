@@ -142,7 +142,7 @@ class Recorder(ppo.PPOTrainer):
 
     def minibatch_update(self, experience, micro_batches, first_pass=None):
         sums = super().minibatch_update(experience, micro_batches, first_pass)
-        self.updates.append({k: float(v) for k, v in sums.items()})
+        self.updates.append(None if sums is None else {k: float(v) for k, v in sums.items()})
         return sums
 
     def compute_rewards(self, prompts, responses):
@@ -187,12 +187,16 @@ def test_each_step_is_right_whatever_the_settings(random_models, tiny, tmp_path_
         nothing_to_learn = metrics.get("ppo/trained_fraction") == 0
         if trainer.poison or nothing_to_learn:
             assert steps_taken == 0 and trainer.updates == []
+            assert metrics.get("ppo/empty_minibatches", 0) == (expected_steps if nothing_to_learn else 0)
         else:
-            first = trainer.updates[0]           # (its rows may all be dropped by dynamic sampling)
-            assert first["tokens"] == 0 or abs(first["ratio"] / first["tokens"] - 1) < 1e-5
+            # a minibatch whose rows dynamic sampling dropped everywhere takes no optimizer step
+            first = next(u for u in trainer.updates if u is not None)
+            assert first["tokens"] > 0 and abs(first["ratio"] / first["tokens"] - 1) < 1e-5
             assert abs(first["approx_kl"]) < 1e-6
             assert first["pg_clipped"] == 0
             assert len(trainer.updates) == expected_steps
+            assert steps_taken == expected_steps - trainer.updates.count(None)
+            assert metrics.get("ppo/empty_minibatches", 0) == trainer.updates.count(None)
         assert keys is None or set(metrics) == keys, set(metrics) ^ keys
         keys = set(metrics)
         position, step = position + trainer.plan.prompts_per_step, step + 1

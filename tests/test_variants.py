@@ -131,7 +131,7 @@ def test_every_variant_gives_the_gradient_of_one_process(tiny, random_policy, tm
 def test_dynamic_sampling_trains_on_exactly_the_informative_groups(tiny, random_policy, tmp_path):
     """Groups whose responses all scored the same are out of the loss and out of every normaliser: the update's
     gradient equals the gradient over the other groups alone; a step where every group scored the same takes no
-    optimizer step and is not counted as a NaN skip."""
+    optimizer step and is not counted as a NaN skip, and neither does a minibatch with no row to train."""
     class SameScoreForSomePrompts(ppo.PPOTrainer):
         constant = ()
 
@@ -157,10 +157,14 @@ def test_dynamic_sampling_trains_on_exactly_the_informative_groups(tiny, random_
         assert sums.keys() == sums_alone.keys()
         for key in sums:
             assert sums[key] == pytest.approx(sums_alone[key], rel=1e-5, abs=1e-6), key
+    trainer.optimizer.zero_grad(set_to_none=True)
+    assert trainer.minibatch_update(experience, [torch.tensor([0, 1]), torch.tensor([4, 5])]) is None
+    assert all(p.grad is None for p in trainer.model.parameters())      # no forward, no backward, no step
     trainer.constant = tuple(PROMPTS)
     before = (trainer.state.optimizer_steps, trainer.state.skipped_steps, trainer.state.consecutive_skips)
     step = trainer.train_step(PROMPTS)
     assert step["ppo/trained_fraction"] == 0 and step["ppo/skipped_optimizer_steps"] == 2     # GROUP_EPOCHES 2
+    assert step["ppo/empty_minibatches"] == 2
     assert (trainer.state.optimizer_steps, trainer.state.skipped_steps, trainer.state.consecutive_skips) == before
 
 
