@@ -56,6 +56,19 @@ def save_model(model, tokenizer, folder: Path) -> str:
     return str(folder)
 
 
+def high_entropy_policy(folder: Path, seed: int) -> str:
+    """A random Llama policy whose tokens have entropy ~2 nats (lm_head x 20), unlike the nearly
+    deterministic shipped one: a zero in place of log pi_old, a clip or a KL term shows."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    tok = word_tokenizer()
+    policy = LlamaForCausalLM(llama_config(len(tok)))
+    policy.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(20)
+    return save_model(policy, tok, folder)
+
+
 def problems(n, seed):
     import random
     rng = random.Random(seed)

@@ -553,7 +553,7 @@ def test_resume_with_another_actor_model_is_an_error(base, tiny, tmp_path, capsy
 def test_resume_with_changed_learning_rate_warns_and_uses_it(base, tmp_path):
     out = copy_run(base, tmp_path / "run")
     settings = {**base["settings"], "OUTPUT_DIR": str(out), "LEARNING_RATE": 3e-4, "MAX_STEPS": 3,
-                "EVAL_DATASETS": []}
+                "EVAL_DATASETS": [], "USE_LR_SCHEDULER": False}         # the rate itself, not scaled
     trainer = ppo.PPOTrainer(resume_from_checkpoint=str(checkpoint(out, 2)), **settings)
     log = trainer.log_path.read_text(encoding="utf-8")
     was = re.escape(repr(base["settings"].get("LEARNING_RATE", ppo.LEARNING_RATE)))

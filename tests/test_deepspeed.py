@@ -65,9 +65,10 @@ def untimed(row):
 
 
 def test_zero2_resumes_exactly(tiny, tmp_path, capsys):
-    """3 steps straight against 2 + resume + 1: the same metrics and bit-identical weights."""
+    """3 steps straight against 2 + resume + 1: the same metrics and bit-identical weights (a constant
+    learning rate: the run stopped by --MAX_STEPS=2 would otherwise schedule its rate over 2 steps)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    base = dict(MAX_STEPS=3, SAVE_EVERY_N_STEPS=1, EVAL_DATASETS=[])
+    base = dict(MAX_STEPS=3, SAVE_EVERY_N_STEPS=1, EVAL_DATASETS=[], USE_LR_SCHEDULER=False)
     deepspeed([write(tmp_path, "a.json", tiny_settings(tiny, straight, **base))], tmp_path, 29573)
     config = write(tmp_path, "b.json", tiny_settings(tiny, resumed, **base))
     deepspeed([config, "--MAX_STEPS=2"], tmp_path, 29574)

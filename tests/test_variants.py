@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, TORCHRUN, launch, llama_config, save_model, tiny_settings, word_tokenizer
+from conftest import ROOT, TORCHRUN, high_entropy_policy, launch, tiny_settings
 
 import ppo
 
@@ -26,16 +26,8 @@ SPLIT = 3                                                          # rank 0: row
 
 @pytest.fixture(scope="module")
 def random_policy(tmp_path_factory):
-    """A policy with entropy ~2 nats per token (lm_head x 20), so clipped ratios and KL terms are large."""
-    from transformers import GenerationConfig, LlamaForCausalLM
-    root = tmp_path_factory.mktemp("random_policy")
-    torch.manual_seed(3)
-    tok = word_tokenizer()
-    policy = LlamaForCausalLM(llama_config(len(tok)))
-    policy.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    with torch.no_grad():
-        policy.lm_head.weight.mul_(20)
-    return save_model(policy, tok, root / "policy")
+    """A high-entropy policy, so clipped ratios and KL terms are large."""
+    return high_entropy_policy(tmp_path_factory.mktemp("random_policy") / "policy", seed=3)
 
 
 def variant_trainer(tiny, random_policy, out, **settings):
