@@ -2060,9 +2060,6 @@ class PPOTrainer:
         self.model, self.optimizer, self.ref, self.reward_model = (
             models.model, models.optimizer, models.ref, models.reward_model)
         self.reward_max_length = reward_input_limit(self.reward_tokenizer, self.reward_model)
-        bos = self.reward_tokenizer.bos_token_id
-        self.reward_adds_bos = (bos is not None
-                                and self.reward_tokenizer("x")["input_ids"][:1] == [bos])
         # A reward model without a chat template and with the policy's tokenizer reads the ids the
         # policy sampled: no decode and re-encode, which may merge or split tokens differently.
         self.reward_reads_policy_ids = (not self.reward_tokenizer.chat_template and
@@ -2185,6 +2182,8 @@ class PPOTrainer:
         and has no chat template; else its own template with prompt and response as two turns, or
         the text the policy conditioned on followed by what it wrote."""
         tok, rows, texts = self.reward_tokenizer, [], []
+        bos = tok.bos_token_id
+        adds_bos = bos is not None and self.reward_specials[0][:1] == [bos]
         for p, r in zip(prompts, responses):
             own = self.generated_ids.get((p, r)) if self.reward_reads_policy_ids else None
             if own is not None:
@@ -2199,7 +2198,7 @@ class PPOTrainer:
             else:                        # the text the policy conditioned on, then what it wrote
                 text = self.prompt_texts.get(p, p) + r
                 # a template's BOS as text: the tokenizer adds its own
-                texts.append(text.removeprefix(tok.bos_token) if self.reward_adds_bos else text)
+                texts.append(text.removeprefix(tok.bos_token) if adds_bos else text)
         encoded = iter(tok(texts, add_special_tokens=not tok.chat_template,
                            truncation=self.reward_max_length is not None,
                            max_length=self.reward_max_length)["input_ids"] if texts else [])
