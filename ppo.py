@@ -42,6 +42,8 @@ arXiv 2403.17031); TRL's last PPO trainer (trl 1.12, trl/experimental/ppo); Clea
 # ---------------------------------------------------------------------------------------------
 # 1. Imports
 # ---------------------------------------------------------------------------------------------
+from __future__ import annotations
+
 import contextlib
 import copy
 import dataclasses
@@ -199,239 +201,9 @@ MIXED_PRECISION = "auto"            # "auto" (bf16 if supported, else none) | "b
 
 CONFIG_KEYS = tuple(name for name in list(globals()) if name.isupper())
 
-# ---------------------------------------------------------------------------------------------
-# 3. Configuration loading: constants < JSON/YAML file < --NAME=value flags < PPOTrainer(**kwargs)
-# ---------------------------------------------------------------------------------------------
-CHOICES = {
-    "LR_SCHEDULER_TYPE": ("cosine", "linear", "constant", "plateau"),
-    "KL_ESTIMATOR": ("k1", "k2", "k3"),
-    "POLICY_LOSS": ("ppo", "gspo", "cispo"),
-    "LOSS_AGGREGATION": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                         "seq-mean-token-sum-norm"),
-    "ANSWER_MATCH": ("last_number", "exact", "contains"),
-    "DEVICE": ("auto", "cpu"),
-    "MIXED_PRECISION": ("auto", "bf16", "fp16", "no"),
-    "ADVANTAGE_ESTIMATOR": ("gae", "grpo", "dr_grpo", "rloo", "reinforce++"),
-}
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")      # one advantage per response, from its group
-MODEL_KEYS = ("ACTOR_MODEL", "CRITIC_MODEL", "REWARD_MODEL")
-STRUCTURE_KEYS = MODEL_KEYS + ("ADVANTAGE_ESTIMATOR", "USE_LORA", "LORA_R", "LORA_TARGET_MODULES")
-
-
-class ConfigError(Exception):
-    """A mistake in the user's settings or files: printed as one message, no traceback, exit 2."""
-
-
-class Config(dict):
-    """The resolved settings: a dict of the UPPER_CASE names, also readable as attributes."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-def default_config() -> Config:
-    """The constants of section 2 as they are now (a test or an edited file may have changed
-    them)."""
-    return Config({name: copy.deepcopy(globals()[name]) for name in CONFIG_KEYS})
-
-
-def first_line(error: BaseException) -> str:
-    """`TypeName: first line of the message` (some exceptions carry no message at all)."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
-def unknown_name_error(name: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(name.upper(), CONFIG_KEYS, n=1, cutoff=0.5)
-    hint = (f" Did you mean {close[0]}?" if close
-            else " The settings are the UPPER_CASE constants of ppo.py.")
-    return ConfigError(f"Unknown setting {name!r} in {where}.{hint}")
-
-
-def coerce_setting(name: str, value, where: str):
-    """Check `value` against the type of the constant; an int may stand for a float."""
-    default = globals()[name]
-    if value is None or default is None:
-        return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, type(default)) and (isinstance(value, bool) == isinstance(default, bool)):
-        return value
-    raise ConfigError(f"{name} in {where} must be a {type(default).__name__} like {default!r}, "
-                      f"got {value!r} ({type(value).__name__}).")
-
-
-def parse_flag_value(text: str):
-    """`--NAME=value`: JSON (numbers, true/false/null, lists, objects), Python's True/False/None,
-    else a string."""
-    literal = {"True": True, "False": False, "None": None}
-    if text in literal:
-        return literal[text]
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def read_config_file(path: str) -> dict:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"Config file {path} does not exist.")
-    text = file.read_text(encoding="utf-8")
-    try:
-        if file.suffix in (".yaml", ".yml"):
-            import yaml
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}, line {e.lineno}, column {e.colno}: "
-                          f"invalid JSON ({e.msg}).") from None
-    except Exception as e:  # yaml.YAMLError carries its own line and column in the message
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold one object of NAME: value pairs.")
-    return data
-
-
-def make_config(overrides: Optional[dict] = None, where: str = "PPOTrainer(...)",
-                base=None) -> Config:
-    cfg = default_config() if base is None else Config(base)
-    for name, value in (overrides or {}).items():
-        if name not in CONFIG_KEYS:
-            raise unknown_name_error(name, where)
-        cfg[name] = coerce_setting(name, value, where)
-    return cfg
-
-
-def parse_args(argv: Sequence[str]) -> Config:
-    """Turn `[run.json|run.yaml] [--NAME=value ...]` into settings; flags win over the file."""
-    cfg = default_config()
-    for arg in argv:
-        if arg.startswith("--"):
-            name, eq, text = arg[2:].partition("=")
-            if not eq:
-                raise ConfigError(f"Flag {arg!r} needs a value: --{name}=VALUE.")
-            cfg = make_config({name: parse_flag_value(text)}, f"flag {arg}", cfg)
-        else:
-            cfg = make_config(read_config_file(arg), arg, cfg)
-    return cfg
-
-
-def validate_config(cfg: Config) -> None:
-    """Check ranges and consistency once, before any model is loaded."""
-    problems = []
-    for name, choices in CHOICES.items():
-        if cfg[name] not in choices:
-            problems.append(f"{name} = {cfg[name]!r} must be one of "
-                            f"{', '.join(map(repr, choices))}.")
-    positive = ("BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "NUM_MINI_BATCHES", "GROUP_SIZE",
-                "NUM_EPOCHES", "GROUP_EPOCHES", "MAX_NEW_TOKENS", "MAX_PROMPT_LENGTH",
-                "LEARNING_RATE", "CRITIC_LEARNING_RATE", "TEMPERATURE", "CLIP_RANGE",
-                "CLIP_RANGE_VALUE", "MAX_GRAD_NORM", "MAX_CONSECUTIVE_SKIPS")
-    problems += [f"{n} = {cfg[n]!r} must be > 0." for n in positive if not cfg[n] > 0]
-    non_negative = ("MAX_STEPS", "MAX_TRAIN_SAMPLES", "MAX_EVAL_SAMPLES", "WEIGHT_DECAY",
-                    "WARMUP_STEPS", "VALUE_LOSS_COEF", "ENTROPY_COEF", "KL_COEF",
-                    "MISSING_EOS_PENALTY", "REWARD_CLIP", "TARGET_KL", "EVAL_EVERY_N_STEPS",
-                    "SAVE_EVERY_N_STEPS", "SAVE_TOTAL_LIMIT", "EARLY_STOPPING_PATIENCE",
-                    "NUM_SAMPLES_TO_LOG", "ADAPTIVE_KL_HORIZON")
-    problems += [f"{n} = {cfg[n]!r} must be >= 0." for n in non_negative if not cfg[n] >= 0]
-    problems += [f"{n} = {cfg[n]!r} must be in [0, 1]." for n in ("GAMMA", "LAM")
-                 if not 0 <= cfg[n] <= 1]
-    if not 0 < cfg.PLATEAU_FACTOR < 1:
-        problems.append(f"PLATEAU_FACTOR = {cfg.PLATEAU_FACTOR!r} must be in (0, 1).")
-    for name in ("TRAIN_DATASETS", "EVAL_DATASETS"):
-        if not isinstance(cfg[name], list) or not all(isinstance(s, dict) for s in cfg[name]):
-            problems.append(f'{name} must be a list of '
-                            '{"path", "type", "input", "output"} objects.')
-    if cfg.ADVANTAGE_ESTIMATOR in GROUP_ESTIMATORS and cfg.GROUP_SIZE < 2:
-        problems.append(f"ADVANTAGE_ESTIMATOR = {cfg.ADVANTAGE_ESTIMATOR!r} compares the responses "
-                        "to one prompt: set GROUP_SIZE >= 2 (4 to 16 is usual).")
-    problems += policy_loss_problems(cfg)
-    if cfg.USE_LORA and cfg.LORA_R < 1:
-        problems.append(f"LORA_R = {cfg.LORA_R} must be >= 1.")
-    if not cfg.TRAIN_DATASETS:
-        problems.append("TRAIN_DATASETS is empty: give at least one dataset of prompts.")
-    if (not isinstance(cfg.STOP_TOKENS, list) or
-            not all(isinstance(t, str) for t in cfg.STOP_TOKENS)):
-        problems.append('STOP_TOKENS must be a list of token strings, e.g. ["<|im_end|>"].')
-    if problems:
-        raise ConfigError("Invalid settings:\n  " + "\n  ".join(problems))
-
-
-def policy_loss_problems(cfg: Config) -> List[str]:
-    """The settings of the policy-gradient variants that cannot work together."""
-    problems = []
-    for name in ("CLIP_RANGE_LOW", "CLIP_RANGE_HIGH"):
-        value = cfg[name]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not value > 0):
-            problems.append(f"{name} = {value!r} must be a number > 0, or None for CLIP_RANGE.")
-    if cfg.DUAL_CLIP != 0 and not cfg.DUAL_CLIP > 1:
-        problems.append(f"DUAL_CLIP = {cfg.DUAL_CLIP!r} must be > 1 (3.0 is usual), or 0 for off.")
-    if cfg.POLICY_LOSS == "gspo":
-        if cfg.ADVANTAGE_ESTIMATOR not in GROUP_ESTIMATORS:
-            problems.append("POLICY_LOSS = 'gspo' weighs whole sequences by one ratio, so it "
-                            f"needs one advantage per sequence: ADVANTAGE_ESTIMATOR = "
-                            f"{cfg.ADVANTAGE_ESTIMATOR!r} gives one per token; use 'grpo', "
-                            "'dr_grpo' or 'rloo'.")
-        if cfg.LOSS_AGGREGATION != "seq-mean-token-mean":
-            problems.append(f"POLICY_LOSS = 'gspo' is defined as a mean over sequences of the "
-                            f"sequence ratio: set LOSS_AGGREGATION = 'seq-mean-token-mean' (now "
-                            f"{cfg.LOSS_AGGREGATION!r}).")
-    if cfg.POLICY_LOSS == "cispo" and cfg.DUAL_CLIP:
-        problems.append("DUAL_CLIP bounds PPO's clipped surrogate; POLICY_LOSS = 'cispo' has none "
-                        "(its weight is already clipped): set DUAL_CLIP = 0.")
-    if cfg.KL_IN_LOSS and cfg.ADAPTIVE_KL:
-        problems.append("ADAPTIVE_KL steers the reward's KL coefficient, and KL_IN_LOSS takes the "
-                        "KL out of the reward: turn one of them off.")
-    if not cfg.KL_LOSS_COEF >= 0:
-        problems.append(f"KL_LOSS_COEF = {cfg.KL_LOSS_COEF!r} must be >= 0.")
-    if cfg.DYNAMIC_SAMPLING and cfg.ADVANTAGE_ESTIMATOR not in GROUP_ESTIMATORS:
-        problems.append(f"DYNAMIC_SAMPLING drops groups whose responses all scored the same, which "
-                        "carry no signal only for a group baseline: ADVANTAGE_ESTIMATOR = "
-                        f"{cfg.ADVANTAGE_ESTIMATOR!r}; use 'grpo', 'dr_grpo' or 'rloo'.")
-    if cfg.DYNAMIC_SAMPLING and cfg.KL_COEF and not cfg.KL_IN_LOSS:
-        problems.append("DYNAMIC_SAMPLING drops groups whose scores are all equal, but with the "
-                        f"KL in the reward (KL_COEF = {cfg.KL_COEF}) their advantages are not "
-                        "zero: set KL_COEF = 0 (DAPO has no KL) or KL_IN_LOSS = True.")
-    if not 0 <= cfg.OVERLONG_BUFFER <= cfg.MAX_NEW_TOKENS:
-        problems.append(f"OVERLONG_BUFFER = {cfg.OVERLONG_BUFFER!r} must be in [0, MAX_NEW_TOKENS "
-                        f"= {cfg.MAX_NEW_TOKENS}].")
-    if not cfg.OVERLONG_PENALTY >= 0:
-        problems.append(f"OVERLONG_PENALTY = {cfg.OVERLONG_PENALTY!r} must be >= 0.")
-    return problems
-
-
-def clip_ranges(cfg: Config) -> Tuple[float, float]:
-    """(eps_low, eps_high): CLIP_RANGE_LOW / CLIP_RANGE_HIGH, each CLIP_RANGE when None."""
-    return tuple(float(cfg.CLIP_RANGE if value is None else value)
-                 for value in (cfg.CLIP_RANGE_LOW, cfg.CLIP_RANGE_HIGH))
-
-
-def describe_objective(cfg: Config) -> str:
-    """One log line: the estimator, the policy loss and its clip, the aggregation, the KL."""
-    low, high = clip_ranges(cfg)
-    parts = [f"advantages {cfg.ADVANTAGE_ESTIMATOR}", f"policy loss {cfg.POLICY_LOSS}, ratio "
-             f"clipped to [{1 - low:g}, {1 + high:g}]", f"{cfg.LOSS_AGGREGATION} aggregation"]
-    if cfg.DUAL_CLIP:
-        parts.append(f"dual clip {cfg.DUAL_CLIP:g}")
-    parts.append(f"KL ({cfg.KL_ESTIMATOR}) in the loss x {cfg.KL_LOSS_COEF:g}" if cfg.KL_IN_LOSS
-                 else f"KL ({cfg.KL_ESTIMATOR}) in the reward x {cfg.KL_COEF:g}"
-                 + (" (adaptive)" if cfg.ADAPTIVE_KL else ""))
-    if cfg.DYNAMIC_SAMPLING:
-        parts.append("dynamic sampling")
-    if cfg.OVERLONG_BUFFER:
-        parts.append(f"overlong penalty up to {cfg.OVERLONG_PENALTY:g} over the last "
-                     f"{cfg.OVERLONG_BUFFER} tokens")
-    return "; ".join(parts)
-
 
 # ---------------------------------------------------------------------------------------------
-# 4. PPO math: pure functions, tensors in and out. Shapes: B sequences, T response tokens, V vocab.
+# 3. PPO math and its variants: pure functions, tensors in and out (B sequences, T tokens, V vocab)
 # ---------------------------------------------------------------------------------------------
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     """Sum of x where mask is True; `where`, not `x * mask`, so a NaN in padding cannot leak in."""
@@ -598,6 +370,34 @@ def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str,
     raise ValueError(f"unknown group estimator {estimator!r}")
 
 
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")      # one advantage per response, from its group
+
+
+def local_mean_var(x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return masked_mean(x, mask), masked_var(x, mask)
+
+
+def compute_advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef: float, cfg,
+                       mean_var=local_mean_var) -> Tuple[torch.Tensor, ...]:
+    """Steps 5-6 of the rollout: r_t = -beta * KL_t plus the score at the last token, then
+    advantages by ADVANTAGE_ESTIMATOR: GAE with the critic's values (B, T), or reinforce++ (GAE
+    with V = 0, lambda = 1), both whitened over the valid tokens of every process (mean_var), or a
+    group baseline (grpo, dr_grpo, rloo). Returns (advantages, returns, kl, advantages before
+    whitening), each (B, T); returns are 0 for the group estimators."""
+    kl = kl_penalty(logprobs, ref_logprobs, cfg.KL_ESTIMATOR)                           # (B, T)
+    rewards = shape_rewards(scores, kl, mask, kl_coef)                                 # (B, T)
+    if cfg.ADVANTAGE_ESTIMATOR not in GROUP_ESTIMATORS:
+        critic = cfg.ADVANTAGE_ESTIMATOR == "gae"
+        values = values if critic else torch.zeros_like(rewards)
+        advantages, returns = compute_gae(rewards, values, mask, cfg.GAMMA,
+                                          cfg.LAM if critic else 1.0)
+        return masked_whiten(advantages, mask, *mean_var(advantages, mask)), returns, kl, advantages
+    sequence = group_advantages(masked_sum(rewards, mask, 1), cfg.GROUP_SIZE,
+                                cfg.ADVANTAGE_ESTIMATOR)
+    advantages = torch.where(mask, sequence[:, None], torch.zeros((), device=rewards.device))
+    return advantages, torch.zeros_like(rewards), kl, advantages
+
+
 def clipped_surrogate(ratio, advantages, clip_low: float, clip_high: float, dual_clip: float = 0.0):
     """max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high)) per token; with dual clip c,
     a token with A < 0 loses at most -c * A. Returns (loss, clipped: a clip decided the value, so
@@ -639,6 +439,12 @@ def cispo_policy_loss(logprobs, old_logprobs, advantages, clip_low: float, clip_
     return -advantages * weight * logprobs, weight != ratio
 
 
+def clip_ranges(cfg: Config) -> Tuple[float, float]:
+    """(eps_low, eps_high): CLIP_RANGE_LOW / CLIP_RANGE_HIGH, each CLIP_RANGE when None."""
+    return tuple(float(cfg.CLIP_RANGE if value is None else value)
+                 for value in (cfg.CLIP_RANGE_LOW, cfg.CLIP_RANGE_HIGH))
+
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, cfg):
     """POLICY_LOSS's per-token loss (B, T) and clipped flags (B, T)."""
     low, high = clip_ranges(cfg)
@@ -674,22 +480,12 @@ def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str,
     return aggregate_sum(loss, mask, mode) / count.clamp(min=1)
 
 
-def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int,
-                     penalty: float) -> torch.Tensor:
-    """DAPO's soft overlong punishment of response lengths (B,): 0 up to max_new_tokens - buffer,
-    then linear down to -penalty at max_new_tokens (0 everywhere when buffer is 0)."""
-    if not buffer:
-        return torch.zeros(lengths.shape, device=lengths.device)
-    over = (lengths.float() - (max_new_tokens - buffer)) / buffer
-    return -penalty * over.clamp(0, 1)
-
-
-def uninformative_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(B,) True for the responses of a group whose scores are all equal: a group baseline gives
-    them zero advantage (DAPO's dynamic sampling drops them)."""
-    grouped = scores.view(-1, group_size)
-    same = (grouped == grouped[:, :1]).all(1)
-    return same.repeat_interleave(group_size)
+def loss_counts(batch, cfg) -> torch.Tensor:
+    """The denominators of ppo_loss over some rows, [policy terms (LOSS_AGGREGATION), value loss
+    (tokens)]: sums over rows, added over the micro-batches and processes of a minibatch."""
+    mask = batch.response_mask & batch.trained[:, None]
+    return torch.stack([aggregate_count(mask, cfg.LOSS_AGGREGATION, cfg.MAX_NEW_TOKENS),
+                        batch.response_mask.sum().float()])
 
 
 def clipped_value_loss(values, old_values, returns, clip_range_value: float):
@@ -700,45 +496,6 @@ def clipped_value_loss(values, old_values, returns, clip_range_value: float):
     vf_loss1 = (values - returns) ** 2
     vf_loss2 = (values_clipped - returns) ** 2
     return 0.5 * torch.max(vf_loss1, vf_loss2), vf_loss2 > vf_loss1
-
-
-def explained_variance(values, returns, mask) -> torch.Tensor:
-    """1 - Var(R - V) / Var(R) over valid tokens: 1 is a perfect critic, <= 0 no better than a
-    constant."""
-    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
-
-
-def local_mean_var(x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    return masked_mean(x, mask), masked_var(x, mask)
-
-
-def compute_advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef: float, cfg,
-                       mean_var=local_mean_var) -> Tuple[torch.Tensor, ...]:
-    """Steps 5-6 of the rollout: r_t = -beta * KL_t plus the score at the last token, then
-    advantages by ADVANTAGE_ESTIMATOR: GAE with the critic's values (B, T), or reinforce++ (GAE
-    with V = 0, lambda = 1), both whitened over the valid tokens of every process (mean_var), or a
-    group baseline (grpo, dr_grpo, rloo). Returns (advantages, returns, kl, advantages before
-    whitening), each (B, T); returns are 0 for the group estimators."""
-    kl = kl_penalty(logprobs, ref_logprobs, cfg.KL_ESTIMATOR)                           # (B, T)
-    rewards = shape_rewards(scores, kl, mask, kl_coef)                                 # (B, T)
-    if cfg.ADVANTAGE_ESTIMATOR not in GROUP_ESTIMATORS:
-        critic = cfg.ADVANTAGE_ESTIMATOR == "gae"
-        values = values if critic else torch.zeros_like(rewards)
-        advantages, returns = compute_gae(rewards, values, mask, cfg.GAMMA,
-                                          cfg.LAM if critic else 1.0)
-        return masked_whiten(advantages, mask, *mean_var(advantages, mask)), returns, kl, advantages
-    sequence = group_advantages(masked_sum(rewards, mask, 1), cfg.GROUP_SIZE,
-                                cfg.ADVANTAGE_ESTIMATOR)
-    advantages = torch.where(mask, sequence[:, None], torch.zeros((), device=rewards.device))
-    return advantages, torch.zeros_like(rewards), kl, advantages
-
-
-def loss_counts(batch, cfg) -> torch.Tensor:
-    """The denominators of ppo_loss over some rows, [policy terms (LOSS_AGGREGATION), value loss
-    (tokens)]: sums over rows, added over the micro-batches and processes of a minibatch."""
-    mask = batch.response_mask & batch.trained[:, None]
-    return torch.stack([aggregate_count(mask, cfg.LOSS_AGGREGATION, cfg.MAX_NEW_TOKENS),
-                        batch.response_mask.sum().float()])
 
 
 def ppo_loss(logprobs, entropy, values, batch, cfg, counts: torch.Tensor
@@ -774,64 +531,28 @@ def ppo_loss(logprobs, entropy, values, batch, cfg, counts: torch.Tensor
     return loss, sums
 
 
-def skipped_update_metrics(optimizer_steps: int, with_critic: bool, cfg,
-                           nothing_to_learn: bool) -> Dict[str, torch.Tensor]:
-    """update_metrics' keys for a step whose update did not run (a NaN, or nothing to learn):
-    NaN statistics, every optimizer step skipped."""
-    names = ("tokens", "pg_loss", "entropy", "pg_clipped", "approx_kl", "ratio") + (
-        ("vf_loss", "vf_clipped") if with_critic else ()) + (("kl_loss",) if cfg.KL_IN_LOSS else ())
-    nan = torch.tensor(math.nan)
-    empty = (optimizer_steps if nothing_to_learn else 0) if cfg.DYNAMIC_SAMPLING else None
-    return update_metrics(dict.fromkeys(names, nan), torch.full((1, 2), math.nan), 0,
-                          optimizer_steps, empty)
+def explained_variance(values, returns, mask) -> torch.Tensor:
+    """1 - Var(R - V) / Var(R) over valid tokens: 1 is a perfect critic, <= 0 no better than a
+    constant."""
+    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
 
 
-def learning_rates(state, plan, cfg) -> Tuple[float, float]:
-    """Policy and critic learning rates at the state's optimizer step: schedule x plateau scale
-    x base."""
-    total = plan.optimizer_steps if plan else 0
-    schedule = (lr_factor(state.optimizer_steps, total, cfg.WARMUP_STEPS, cfg.LR_SCHEDULER_TYPE)
-                if cfg.USE_LR_SCHEDULER else 1.0)
-    factor = schedule * state.lr_scale
-    return cfg.LEARNING_RATE * factor, cfg.CRITIC_LEARNING_RATE * factor
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int,
+                     penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment of response lengths (B,): 0 up to max_new_tokens - buffer,
+    then linear down to -penalty at max_new_tokens (0 everywhere when buffer is 0)."""
+    if not buffer:
+        return torch.zeros(lengths.shape, device=lengths.device)
+    over = (lengths.float() - (max_new_tokens - buffer)) / buffer
+    return -penalty * over.clamp(0, 1)
 
 
-def update_metrics(sums: Dict[str, torch.Tensor], norms: torch.Tensor, epochs: int,
-                   skipped: int, empty: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """The update's log rows from ppo_loss's sums over the whole update and the gradient norms
-    (optimizer steps, models); NaN sums and norms give the same keys for a step whose update was
-    skipped. skipped counts every optimizer step not taken; empty (DYNAMIC_SAMPLING) those of
-    them with no row to train, which are not NaN skips."""
-    per_token = {name: value / sums["tokens"].clamp(min=1) for name, value in sums.items()}
-    metrics = {"ppo/loss/policy": per_token["pg_loss"],
-               "ppo/policy/entropy": per_token["entropy"],
-               "ppo/policy/clipfrac": per_token["pg_clipped"],
-               "ppo/policy/approx_kl": per_token["approx_kl"],
-               "ppo/ratio_mean": per_token["ratio"],
-               "ppo/epochs": torch.tensor(float(epochs)),
-               "ppo/skipped_optimizer_steps": torch.tensor(float(skipped)),
-               **({} if empty is None else {"ppo/empty_minibatches": torch.tensor(float(empty))}),
-               "grad_norm/policy": norms[:, 0].nanmean()}
-    if "kl_loss" in sums:
-        metrics["ppo/loss/kl"] = per_token["kl_loss"]
-    if "vf_loss" in sums:
-        metrics["ppo/loss/value"] = per_token["vf_loss"]
-        metrics["ppo/val/clipfrac"] = per_token["vf_clipped"]
-        metrics["grad_norm/critic"] = norms[:, 1].nanmean()
-    return metrics
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
-    """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then the
-    schedule."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if kind == "linear":
-        return 1.0 - progress
-    return 1.0                                 # "constant", and "plateau" (scaled on evaluation)
+def uninformative_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) True for the responses of a group whose scores are all equal: a group baseline gives
+    them zero advantage (DAPO's dynamic sampling drops them)."""
+    grouped = scores.view(-1, group_size)
+    same = (grouped == grouped[:, :1]).all(1)
+    return same.repeat_interleave(group_size)
 
 
 def adaptive_kl_coef(kl_coef: float, current_kl: float, n_responses: int, target: float,
@@ -852,618 +573,8 @@ def merge_moments(mean: float, var: float, count: int, batch_mean: float, batch_
     return mean + delta * batch_count / total, m2 / total, total
 
 
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def last_number(text: str) -> Optional[float]:
-    numbers = NUMBER.findall(text)
-    return float(numbers[-1].replace(",", "")) if numbers else None
-
-
-def answer_matches(response: str, reference: str, rule: str) -> bool:
-    """The accuracy / reference-reward rule. "last_number": the last numbers agree (GSM8K's
-    "#### 72" and "... the answer is 72." match); "exact": equal up to whitespace; "contains":
-    reference in response."""
-    if rule == "last_number":
-        got = last_number(response)
-        return got is not None and got == last_number(reference)
-    if rule == "exact":
-        return response.split() == reference.split()
-    if rule == "contains":
-        return reference.strip() in response
-    raise ValueError(f"unknown ANSWER_MATCH rule {rule!r}")
-
-
 # ---------------------------------------------------------------------------------------------
-# 5. Data: prompt datasets in the guide's format, read with the `datasets` library
-# ---------------------------------------------------------------------------------------------
-def resolve_path(path: str) -> str:
-    """A relative path is looked up in the working directory, then next to ppo.py; else kept (a hub
-    id)."""
-    candidate = Path(path).expanduser()
-    if candidate.is_absolute() or candidate.exists():
-        return str(candidate)
-    beside = Path(__file__).resolve().parent / candidate
-    return str(beside) if beside.exists() else path
-
-
-def jsonl_line_of_row(path: str, row: int) -> int:
-    """1-based line number of the row-th (0-based) non-blank line of a JSONL file."""
-    with open(path, encoding="utf-8") as f:
-        seen = -1
-        for number, line in enumerate(f, 1):
-            seen += bool(line.strip())
-            if seen == row:
-                return number
-    return row + 1
-
-
-def read_jsonl_rows(path: str, where: str) -> List[dict]:
-    """JSONL read line by line: the fallback when `datasets` cannot read a file, and the way to say
-    exactly which line is wrong (1-based line and column)."""
-    rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: {path}, line {number}, column {e.colno}: invalid JSON "
-                                  f"({e.msg}). Each line must be one JSON object.") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f'{where}: {path}, line {number}: expected a JSON object like '
-                                  f'{{"problem": ..., "solution": ...}}, got {type(row).__name__}.')
-            rows.append(row)
-    return rows
-
-
-def read_dataset(spec: dict, where: str) -> Tuple[str, Dict[str, list]]:
-    """One {"path", "type", "input", "output"} entry -> (resolved path, {column: values}) for the
-    columns the spec names, read with `datasets` (JSONL it cannot read is read line by line, to
-    point at the bad line)."""
-    import datasets
-    if not isinstance(spec, dict) or not {"path", "type", "input"} <= set(spec):
-        raise ConfigError(f'{where} must be like {{"path": "data.jsonl", "type": "jsonl", '
-                          f'"input": "problem", "output": "solution"}} ("output" optional); '
-                          f'got {spec!r}.')
-    extra = set(spec) - {"path", "type", "input", "output"}
-    if extra:
-        raise ConfigError(f"{where} has unknown key(s) {sorted(extra)}; "
-                          "allowed: path, type, input, output.")
-    path, kind = resolve_path(str(spec["path"])), spec["type"]
-    if kind not in ("jsonl", "parquet"):
-        raise ConfigError(f'{where}: type {kind!r} is not supported; use "jsonl" or "parquet".')
-    if not Path(path).is_file():
-        raise ConfigError(f"{where}: dataset file {spec['path']} not found "
-                          f"(working directory: {os.getcwd()}).")
-    datasets.disable_progress_bars()
-    verbosity = datasets.logging.get_verbosity()
-    # a bad file gets our message, not theirs too
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    try:
-        dataset = (datasets.Dataset.from_json if kind == "jsonl"
-                   else datasets.Dataset.from_parquet)(path)
-        names, column = dataset.column_names, dataset.__getitem__
-    except Exception as e:
-        if kind == "parquet":
-            if parquet_rows(path) == 0:
-                raise ConfigError(f"{where}: {path} has no usable rows.") from None
-            raise ConfigError(f"{where}: {path} is not a readable Parquet file "
-                              f"({first_line(e)}).") from None
-        rows = read_jsonl_rows(path, where)
-        if not rows:
-            raise ConfigError(
-                f"{where}: {path} "
-                f"{'is empty' if not os.path.getsize(path) else 'has only blank lines'}"
-                "; it has no usable rows.") from None
-        names = list(dict.fromkeys(k for row in rows for k in row))
-        column = lambda name: [row.get(name) for row in rows]  # noqa: E731
-    finally:
-        datasets.logging.set_verbosity(verbosity)
-    for role in ("input", "output"):
-        if spec.get(role) is not None and spec[role] not in names:
-            raise ConfigError(f"{where}: column {spec[role]!r} (\"{role}\") is not in {path}; "
-                              f"its columns are {names}.")
-    return path, {spec[r]: column(spec[r]) for r in ("input", "output") if spec.get(r) is not None}
-
-
-def parquet_rows(path: str) -> Optional[int]:
-    import pyarrow.parquet as pq
-    try:
-        return pq.read_metadata(path).num_rows
-    except Exception:
-        return None
-
-
-def load_prompts(specs: List[dict], limit: int, name: str) -> Tuple[List[str], Dict[str, str]]:
-    """All datasets of TRAIN_DATASETS or EVAL_DATASETS, concatenated: (prompts, {prompt:
-    reference})."""
-    prompts, references = [], {}
-    for i, spec in enumerate(specs):
-        where = f"{name}[{i}]"
-        path, columns = read_dataset(spec, where)
-        inputs = columns[spec["input"]]
-        outputs = columns[spec["output"]] if spec.get("output") else [None] * len(inputs)
-        if not inputs:
-            raise ConfigError(f"{where}: {path} has no usable rows.")
-        for row, (prompt, reference) in enumerate(zip(inputs, outputs)):
-            if not isinstance(prompt, str) or not prompt.strip():
-                place = (f"line {jsonl_line_of_row(path, row)}" if spec["type"] == "jsonl"
-                         else f"row {row + 1}")
-                raise ConfigError(f"{where}: {path}, {place}: the prompt column {spec['input']!r} "
-                                  f"holds {prompt!r}; every prompt must be a non-empty string.")
-            prompts.append(prompt)
-            if reference is not None:
-                references.setdefault(prompt, str(reference))
-    return (prompts[:limit] if limit else prompts), references
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. Models: policy, frozen reference, critic (backbone + value head), reward model
-# ---------------------------------------------------------------------------------------------
-def model_error(name: str, path: str, problem: str) -> ConfigError:
-    return ConfigError(f"{name} = {path!r}: {problem}")
-
-
-def load_model_config(name: str, path: str, cfg: Config):
-    """(resolved path, config), with an error that names the constant when there is no model
-    there."""
-    from transformers import AutoConfig
-    resolved = resolve_path(path)
-    try:
-        config = AutoConfig.from_pretrained(resolved, trust_remote_code=cfg.TRUST_REMOTE_CODE)
-    except (OSError, ValueError) as e:
-        if not Path(resolved).exists() and (resolved.startswith((".", "/", "~")) or
-                                            resolved.count("/") > 1):
-            raise model_error(name, path, "no such folder.") from None
-        raise model_error(name, path, f"cannot load a model config from it ({first_line(e)}). "
-                          "Give a local folder made by save_pretrained, or a Hugging Face hub id "
-                          "(downloads need network access).") from None
-    return resolved, config
-
-
-def disable_dropout(model: nn.Module) -> nn.Module:
-    """Dropout off in every layer, so the PPO ratio is exactly 1 before the first update. The
-    modules are changed, not the config, so a saved checkpoint keeps the user's dropout settings."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for key, value in list(vars(module).items()):
-            if "dropout" in key and isinstance(value, float):
-                setattr(module, key, 0.0)
-    return model
-
-
-def check_model_kind(name: str, path: str, config, kind: str) -> None:
-    """kind "causal": a generative model; "reward": a sequence classifier with one label; "critic":
-    either."""
-    architectures = getattr(config, "architectures", None) or []
-    if kind == "causal" and architectures and not any(
-            a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
-            for a in architectures):
-        raise model_error(name, path, f"is a {architectures[0]}, not a causal language model "
-                          "(AutoModelForCausalLM). Point it at a generative model.")
-    if kind == "reward" and not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise model_error(name, path, f"is a {architectures[0] if architectures else 'model'} "
-                          "without a sequence-classification head; the reward model must load with "
-                          "AutoModelForSequenceClassification (num_labels=1).")
-    if kind == "reward" and config.num_labels != 1:
-        raise model_error(name, path, f"has num_labels = {config.num_labels}; a reward model gives "
-                          "one score per sequence (num_labels=1).")
-
-
-def load_causal_lm(name: str, path: str, cfg: Config, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-    resolved, config = load_model_config(name, path, cfg)
-    check_model_kind(name, path, config, "causal")
-    model = AutoModelForCausalLM.from_pretrained(resolved, config=config, dtype=dtype,
-                                                 trust_remote_code=cfg.TRUST_REMOTE_CODE)
-    return disable_dropout(model)
-
-
-def load_sequence_classifier(name: str, path: str, cfg: Config, dtype: torch.dtype,
-                             is_reward: bool):
-    """The reward model, or the critic (from a reward model or a causal LM: its `score` head is the
-    value head)."""
-    from transformers import AutoModelForSequenceClassification
-    resolved, config = load_model_config(name, path, cfg)
-    check_model_kind(name, path, config, "reward" if is_reward else "critic")
-    config.num_labels = 1
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolved, config=config, dtype=dtype, trust_remote_code=cfg.TRUST_REMOTE_CODE)
-    if not is_reward and not isinstance(getattr(model, "score", None), nn.Linear):
-        raise model_error(name, path, f"{type(model).__name__} has no `score` head; the critic "
-                          "must be a decoder-only model (Llama, Qwen2, Mistral, GPT-2, ...).")
-    return disable_dropout(model)
-
-
-def load_tokenizer(name: str, path: str, cfg: Config):
-    from transformers import AutoTokenizer
-    resolved, _ = load_model_config(name, path, cfg)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=cfg.TRUST_REMOTE_CODE)
-    except (OSError, ValueError, TypeError) as e:
-        raise model_error(name, path, f"has no usable tokenizer ({first_line(e)}); save one next "
-                          "to the model with tokenizer.save_pretrained(folder).") from None
-    if tokenizer.pad_token is None:
-        distinct = tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token
-        tokenizer.pad_token = tokenizer.unk_token if distinct else tokenizer.eos_token
-        logger.info(f"{name}: the tokenizer has no pad token; padding with {tokenizer.pad_token!r} "
-                    "(masks never depend on the pad id, so this is safe).")
-    return tokenizer
-
-
-def vocab_size(config) -> Optional[int]:
-    return getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
-                   "vocab_size", None)
-
-
-def stop_token_ids(tokenizer, path: str, config, stop_tokens: List[str]) -> torch.Tensor:
-    """EOS of the tokenizer and of the policy's generation_config (chat models end turns with their
-    own token), plus STOP_TOKENS: a response ends at the first of them."""
-    from transformers import GenerationConfig
-    try:
-        generation = GenerationConfig.from_pretrained(path)
-    except OSError:
-        generation = GenerationConfig.from_model_config(config)
-    configured = generation.eos_token_id
-    ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
-    for token in stop_tokens:
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == tokenizer.unk_token_id:
-            raise ConfigError(f"STOP_TOKENS: {token!r} is not a single token of the policy's "
-                              "tokenizer.")
-        ids.add(token_id)
-    ids.discard(None)
-    if not ids:
-        raise ConfigError("The policy's tokenizer has no EOS token: add one, or list an end token "
-                          "in STOP_TOKENS.")
-    return torch.tensor(sorted(ids))
-
-
-def encode_prompts(tokenizer, contents: List[str],
-                   use_template: bool) -> List[Tuple[List[int], str]]:
-    """(token ids, text) the policy conditions on for each prompt content: inside its chat template
-    (which writes any BOS itself), or after the BOS the tokenizer adds."""
-    if not (use_template and tokenizer.chat_template):
-        return list(zip(tokenizer(contents, add_special_tokens=True)["input_ids"], contents))
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
-                                           add_generation_prompt=True) for c in contents]
-    return list(zip(tokenizer(texts, add_special_tokens=False)["input_ids"], texts))
-
-
-def template_turn_end(tokenizer) -> Optional[int]:
-    """The special token the chat template writes right after an assistant's message (<|im_end|>,
-    <|eot_id|>, <end_of_turn>, ...), or None: a base model with a chat template may have another
-    EOS."""
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"},
-                                              {"role": "assistant", "content": "y"}],
-                                             tokenize=False)
-    except Exception:                                # a template that refuses this conversation
-        return None
-    tail = tokenizer(text[text.rfind("y") + 1:], add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
-                                                 if t.special}
-    return next((i for i in tail if i in special), None)
-
-
-def check_generation_prompt(tokenizer) -> None:
-    """USE_CHAT_TEMPLATE needs a template that ends the user's turn: with a generation prompt
-    (ChatML, Llama-3) or a closing marker ([/INST] of Llama-2 / Mistral); one that leaves the user's
-    text open would have the policy continue the user's turn."""
-    messages = [{"role": "user", "content": "ZQXJ"}]
-    with_prompt = tokenizer.apply_chat_template(messages, tokenize=False,
-                                                add_generation_prompt=True)
-    closed = with_prompt[with_prompt.rfind("ZQXJ") + 4:].strip()
-    if with_prompt == tokenizer.apply_chat_template(messages, tokenize=False) and not closed:
-        raise ConfigError("ACTOR_MODEL's chat template neither opens the assistant's turn "
-                          "(add_generation_prompt changes nothing) nor closes the user's, so "
-                          "responses would continue the user's text. Use a template that does, or "
-                          "set USE_CHAT_TEMPLATE = False.")
-
-
-def response_texts(tokenizer, prompt_ids: List[List[int]],
-                   response_ids: List[List[int]]) -> List[str]:
-    """Each response decoded after its prompt and cut off that prompt's own decode: the boundary
-    keeps the space the tokenizer puts there (SentencePiece and word-level decoders drop a first
-    token's leading space when a response is decoded alone, which glued "was" + "very" into
-    "wasvery")."""
-    def decode(ids):
-        return tokenizer.batch_decode(ids, skip_special_tokens=True,
-                                      clean_up_tokenization_spaces=False)
-    prompts = decode(prompt_ids)
-    joint = decode([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)])
-    texts = [j[len(p):] if j.startswith(p) else None for p, j in zip(prompts, joint)]
-    alone = decode([r for r, text in zip(response_ids, texts) if text is None])
-    return [text if text is not None else alone.pop(0) for text in texts]
-
-
-TOKENIZER_PROBES = ("Hello world", " a leading space,  two spaces",
-                    "What is 3 + 4?\nThe answer is 7.", "naïve café, 日本語, 🙂", "x\t\ty  \n\nz")
-
-
-def shares_tokenizer(policy_tokenizer, reward_tokenizer) -> bool:
-    """Whether the reward model's tokenizer is the policy's in effect: the same vocabulary and the
-    same ids for the same texts (a path or a class name proves nothing)."""
-    if policy_tokenizer.get_vocab() != reward_tokenizer.get_vocab():
-        return False
-    return all(policy_tokenizer(text, add_special_tokens=False)["input_ids"] ==
-               reward_tokenizer(text, add_special_tokens=False)["input_ids"]
-               for text in TOKENIZER_PROBES)
-
-
-def special_tokens_around(tokenizer) -> Tuple[List[int], List[int]]:
-    """The ids a tokenizer's post-processor puts before and after a text (BOS, EOS, ...)."""
-    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
-    full = tokenizer("x")["input_ids"]
-    for start in range(len(full) - len(bare) + 1):
-        if full[start:start + len(bare)] == bare:
-            return full[:start], full[start + len(bare):]
-    return [], []
-
-
-def reward_ids_from_policy(prompt_ids: List[int], response_ids: List[int], prefix: List[int],
-                           suffix: List[int], limit: Optional[int]) -> List[int]:
-    """A reward model's input made of the policy's own ids: the reward tokenizer's special tokens
-    around prompt + response (a BOS the prompt starts with is not doubled), the content cut from
-    the left to fit `limit`, as the tokenizer truncates text."""
-    content = list(prompt_ids) + list(response_ids)
-    if prefix and content[:len(prefix)] == prefix:
-        content = content[len(prefix):]
-    if limit is not None:
-        content = content[max(0, len(content) - max(1, limit - len(prefix) - len(suffix))):]
-    return list(prefix) + content + list(suffix)
-
-
-def reward_input_limit(tokenizer, model: nn.Module) -> Optional[int]:
-    """The longest input the reward model takes (learned positions end there); None when
-    unbounded."""
-    config = model.config
-    limits = [getattr(config, "max_position_embeddings", None) or
-              getattr(config, "n_positions", None),
-              tokenizer.model_max_length if tokenizer.model_max_length < 1e9 else None]
-    limits = [n for n in limits if n]
-    return min(limits) if limits else None
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The transformer under a task head (`model.model` for Llama, `model.transformer` for
-    GPT-2)."""
-    return getattr(model, model.base_model_prefix)
-
-
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Positions count real tokens only, so left padding never shifts them: cumsum(mask) - 1,
-    clamped."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def head_outputs(model: nn.Module, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor) -> torch.Tensor:
-    """The scalar `score` head on every position of a backbone: (B, L) float32."""
-    hidden = base_model(model)(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    return model.score(hidden.last_hidden_state).squeeze(-1).float()
-
-
-def sequence_scores(model: nn.Module, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor) -> torch.Tensor:
-    """The reward model's score at each sequence's last real token, whatever the padding side:
-    (B,)."""
-    if not isinstance(getattr(model, "score", None), nn.Linear):      # encoders pool their own way
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    last = (positions * attention_mask.long()).argmax(-1)            # (B,)
-    return head_outputs(model, input_ids, attention_mask)[torch.arange(len(last)), last]
-
-
-def supports_logits_to_keep(model: nn.Module) -> bool:
-    # under a peft wrapper
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
-
-
-def enable_checkpointing(model: nn.Module) -> None:
-    """Activation (gradient) checkpointing, non-reentrant so frozen inputs and LoRA need no extra
-    hooks."""
-    enable = getattr(model, "activation_checkpointing_enable", None)  # name since transformers 5.x
-    if enable is not None:
-        enable({"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def apply_lora(policy: nn.Module, cfg: Config, adapter: Optional[str] = None) -> nn.Module:
-    """Wrap the policy in trainable LoRA adapters: new ones, or those saved in a checkpoint."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-    if adapter:
-        return PeftModel.from_pretrained(policy, adapter, is_trainable=True)
-    targets = cfg.LORA_TARGET_MODULES
-    targets = (targets if targets == "all-linear"
-               else [name.strip() for name in targets.split(",") if name.strip()])
-    return get_peft_model(policy, LoraConfig(r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA,
-                                             lora_dropout=cfg.LORA_DROPOUT,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
-
-
-def response_logits(model: nn.Module, keep_logits: bool, input_ids, attention_mask,
-                    response_length: int) -> torch.Tensor:
-    """(B, P + T) sequences -> the logits predicting each response token (B, T, V); with keep_logits
-    (the model takes logits_to_keep) the head runs on those positions only."""
-    kwargs = {"logits_to_keep": response_length + 1} if keep_logits else {}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                position_ids=position_ids_from_mask(attention_mask), **kwargs)
-    return out.logits[:, -response_length - 1:-1]
-
-
-class PolicyAndCritic(nn.Module):
-    """Both trained models in one module, so DDP / DeepSpeed wrap (and synchronise) them
-    together."""
-
-    def __init__(self, policy: nn.Module, critic: Optional[nn.Module]):
-        super().__init__()
-        self.policy, self.critic = policy, critic
-        self.keep_logits = supports_logits_to_keep(policy)
-
-    def forward(self, input_ids, attention_mask, response_length: int):
-        """(B, P + T) sequences -> logits predicting each response token (B, T, V), values V_t
-        (B, T)."""
-        logits = response_logits(self.policy, self.keep_logits, input_ids, attention_mask,
-                                 response_length)
-        values = None
-        if self.critic is not None:
-            values = head_outputs(self.critic, input_ids,
-                                  attention_mask)[:, -response_length - 1:-1]
-        return logits, values
-
-
-class Reference(nn.Module):
-    """The frozen reference pi_ref: a copy of ACTOR_MODEL, or under LoRA the policy with its
-    adapters off (no second copy of the weights)."""
-
-    def __init__(self, model: nn.Module, adapters_off: bool):
-        super().__init__()
-        self.model, self.adapters_off = model, adapters_off
-        self.keep_logits = supports_logits_to_keep(model)
-
-    def forward(self, input_ids, attention_mask, response_length: int) -> torch.Tensor:
-        with self.model.disable_adapter() if self.adapters_off else contextlib.nullcontext():
-            return response_logits(self.model, self.keep_logits, input_ids, attention_mask,
-                                   response_length)
-
-
-@dataclasses.dataclass
-class Models:
-    """What load_models builds: tokenizers, stop tokens, the prepared trained models and their
-    optimizer, and the frozen reference and reward models."""
-    tokenizer: object
-    reward_tokenizer: object
-    stop_ids: torch.Tensor
-    model: nn.Module                     # PolicyAndCritic, wrapped by the backend (DDP / DeepSpeed)
-    optimizer: object
-    ref: Reference
-    reward_model: nn.Module
-
-
-def load_tokenizers(cfg: Config):
-    """Configs, tokenizers and stop tokens of every model, checked before any weights load:
-    (policy tokenizer, reward tokenizer, stop ids)."""
-    policy_path, policy_config = load_model_config("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)
-    check_model_kind("ACTOR_MODEL", cfg.ACTOR_MODEL, policy_config, "causal")
-    _, reward_config = load_model_config("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
-    check_model_kind("REWARD_MODEL", cfg.REWARD_MODEL, reward_config, "reward")
-    tokenizer = load_tokenizer("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)
-    tokenizer.padding_side = "left"
-    reward_tokenizer = load_tokenizer("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
-    reward_tokenizer.truncation_side = "left"          # an over-long input keeps the response
-    stop_ids = stop_token_ids(tokenizer, policy_path, policy_config, cfg.STOP_TOKENS)
-    if cfg.USE_CHAT_TEMPLATE and tokenizer.chat_template:
-        check_generation_prompt(tokenizer)
-        turn_end = template_turn_end(tokenizer)
-        if turn_end is not None and turn_end not in stop_ids:
-            logger.info("The chat template ends a turn with "
-                        f"{tokenizer.convert_ids_to_tokens(turn_end)!r}: it ends a response too.")
-            stop_ids = torch.cat([stop_ids, torch.tensor([turn_end])]).sort().values
-    if cfg.ADVANTAGE_ESTIMATOR == "gae":
-        _, critic_config = load_model_config("CRITIC_MODEL", cfg.CRITIC_MODEL, cfg)
-        critic_vocab = vocab_size(critic_config)
-        if critic_vocab is not None and critic_vocab < len(tokenizer):
-            raise model_error("CRITIC_MODEL", cfg.CRITIC_MODEL,
-                              f"has a vocabulary of {critic_vocab} tokens, "
-                              f"fewer than the policy's {len(tokenizer)}: the critic reads the "
-                              "policy's tokens, so start it from a model with the policy's "
-                              "tokenizer.")
-    return tokenizer, reward_tokenizer, stop_ids
-
-
-def load_models(cfg: Config, backend: "Backend", checkpoint: Optional[Path]) -> Models:
-    """Policy and critic (trained, float32 master weights, from the checkpoint when resuming), the
-    frozen reference (float32 like the policy; under LoRA the policy's base) and reward model (in
-    the mixed-precision dtype), one AdamW over both trained models, prepared."""
-    tokenizer, reward_tokenizer, stop_ids = load_tokenizers(cfg)
-    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(backend.mixed_precision,
-                                                                       torch.float32)
-    if cfg.USE_LORA:
-        policy = apply_lora(load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, frozen_dtype), cfg,
-                            adapter=str(checkpoint / "policy_adapter") if checkpoint else None)
-        reference = Reference(policy, adapters_off=True)
-    else:
-        start = str(checkpoint / "policy") if checkpoint else cfg.ACTOR_MODEL
-        policy = load_causal_lm("ACTOR_MODEL", start, cfg, torch.float32)
-        # float32 like the policy: both then take one numeric path under autocast (KL 0 at step 0)
-        frozen = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, torch.float32)
-        reference = Reference(frozen.requires_grad_(False).eval(), adapters_off=False)
-    critic = None
-    if cfg.ADVANTAGE_ESTIMATOR == "gae":
-        start = str(checkpoint / "critic") if checkpoint else cfg.CRITIC_MODEL
-        critic = load_sequence_classifier("CRITIC_MODEL", start, cfg, torch.float32,
-                                          is_reward=False)
-    for model in (policy, critic):
-        if model is not None and cfg.GRADIENT_CHECKPOINTING:
-            enable_checkpointing(model)
-    reward = load_sequence_classifier("REWARD_MODEL", cfg.REWARD_MODEL, cfg, frozen_dtype,
-                                      is_reward=True)
-    parked = "cpu" if cfg.OFFLOAD_REF_AND_REWARD else backend.device
-    reference.to(backend.device if cfg.USE_LORA else parked)
-    reward = reward.requires_grad_(False).eval().to(parked)
-    groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}
-              for m, lr in ((policy, cfg.LEARNING_RATE), (critic, cfg.CRITIC_LEARNING_RATE))
-              if m is not None]
-    # fused: one kernel per optimizer step instead of a dozen small ops per tensor
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.WEIGHT_DECAY, fused=True)
-    model, optimizer = backend.prepare(PolicyAndCritic(policy, critic), optimizer)
-    counts = [f"{sum(p.numel() for p in g['params']) / 1e6:.2f}M" for g in groups]
-    logger.info(f"policy {type(policy).__name__} ({counts[0]} trainable parameters), critic "
-                f"{type(critic).__name__ if critic else 'none'} ({counts[1] if critic else 0}), "
-                f"device {backend.device}, mixed precision {backend.mixed_precision}")
-    check_learning_rate(policy, cfg)
-    return Models(tokenizer, reward_tokenizer, stop_ids, model, optimizer, reference, reward)
-
-
-def check_learning_rate(policy: nn.Module, cfg: Config) -> None:
-    billions = sum(p.numel() for p in policy.parameters()) / 1e9
-    if billions >= 0.3 and not cfg.USE_LORA and cfg.LEARNING_RATE > 2e-5:
-        logger.warning(f"LEARNING_RATE = {cfg.LEARNING_RATE:g} is far above the usual 1e-6 to 5e-6 "
-                       f"for a {billions:.1f}B-parameter policy; PPO is likely to diverge.")
-
-
-@contextlib.contextmanager
-def placed(model: nn.Module, device, offload: bool):
-    """With OFFLOAD_REF_AND_REWARD, a frozen model moves to the accelerator only while it runs
-    (not a LoRA policy's base, which is trained around)."""
-    if not offload or any(p.requires_grad for p in model.parameters()):
-        yield model
-        return
-    model.to(device)
-    try:
-        yield model
-    finally:
-        model.to("cpu")
-
-
-def write_policy(policy: nn.Module, tokenizer, folder: Path, adapter_folder: Path,
-                 cfg: Config) -> None:
-    """A folder AutoModelForCausalLM.from_pretrained loads; under LoRA the adapters go to
-    adapter_folder (what a resume loads) and `folder` gets base + adapters merged on a CPU copy
-    (training is untouched)."""
-    if not cfg.USE_LORA:
-        return write_model(policy, tokenizer, folder)
-    from peft import PeftModel
-    policy.save_pretrained(adapter_folder)
-    base = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, torch.float32)
-    write_model(PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload(), tokenizer,
-                folder)
-
-
-def write_model(model: nn.Module, tokenizer, folder: Path) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-
-
-# ---------------------------------------------------------------------------------------------
-# 7. Rollout data: the rows of one PPO step, and how the update and the processes share them
+# 4. The step's data and state: rows, experience, minibatch schedule, forward passes
 # ---------------------------------------------------------------------------------------------
 def pad_left(sequences: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
@@ -1616,25 +727,6 @@ def shard(items: List, rank: int, world: int) -> Tuple[List, int]:
     return share, len(range(rank, len(items), world))
 
 
-# ---------------------------------------------------------------------------------------------
-# 8. Run state: what a resumed run needs, the derived sizes, the random generators, signals
-# ---------------------------------------------------------------------------------------------
-class TrainingError(Exception):
-    """The run cannot go on (repeated NaN, bad output of an override): one message, exit 1."""
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT / SIGTERM: a checkpoint of the last completed step was written."""
-
-    def __init__(self, signum: int, checkpoint: Optional[Path]):
-        super().__init__(signum, checkpoint)
-        self.signum, self.checkpoint = signum, checkpoint
-
-
-class StepDropped(Exception):
-    """A signal arrived before the update of the step in flight began: the step is dropped."""
-
-
 @dataclasses.dataclass
 class TrainState:
     """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
@@ -1686,6 +778,957 @@ def make_plan(n_prompts: int, cfg: Config, world: int) -> Plan:
                 f"{cfg.NUM_MINI_BATCHES} minibatches per step)")
     logger.info(f"Objective: {describe_objective(cfg)}")
     return plan
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so left padding never shifts them: cumsum(mask) - 1,
+    clamped."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logits(model: nn.Module, keep_logits: bool, input_ids, attention_mask,
+                    response_length: int) -> torch.Tensor:
+    """(B, P + T) sequences -> the logits predicting each response token (B, T, V); with keep_logits
+    (the model takes logits_to_keep) the head runs on those positions only."""
+    kwargs = {"logits_to_keep": response_length + 1} if keep_logits else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                position_ids=position_ids_from_mask(attention_mask), **kwargs)
+    return out.logits[:, -response_length - 1:-1]
+
+
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    # under a peft wrapper
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformer under a task head (`model.model` for Llama, `model.transformer` for
+    GPT-2)."""
+    return getattr(model, model.base_model_prefix)
+
+
+def head_outputs(model: nn.Module, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar `score` head on every position of a backbone: (B, L) float32."""
+    hidden = base_model(model)(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return model.score(hidden.last_hidden_state).squeeze(-1).float()
+
+
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward model's score at each sequence's last real token, whatever the padding side:
+    (B,)."""
+    if not isinstance(getattr(model, "score", None), nn.Linear):      # encoders pool their own way
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (positions * attention_mask.long()).argmax(-1)            # (B,)
+    return head_outputs(model, input_ids, attention_mask)[torch.arange(len(last)), last]
+
+
+class PolicyAndCritic(nn.Module):
+    """Both trained models in one module, so DDP / DeepSpeed wrap (and synchronise) them
+    together."""
+
+    def __init__(self, policy: nn.Module, critic: Optional[nn.Module]):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+        self.keep_logits = supports_logits_to_keep(policy)
+
+    def forward(self, input_ids, attention_mask, response_length: int):
+        """(B, P + T) sequences -> logits predicting each response token (B, T, V), values V_t
+        (B, T)."""
+        logits = response_logits(self.policy, self.keep_logits, input_ids, attention_mask,
+                                 response_length)
+        values = None
+        if self.critic is not None:
+            values = head_outputs(self.critic, input_ids,
+                                  attention_mask)[:, -response_length - 1:-1]
+        return logits, values
+
+
+class Reference(nn.Module):
+    """The frozen reference pi_ref: a copy of ACTOR_MODEL, or under LoRA the policy with its
+    adapters off (no second copy of the weights)."""
+
+    def __init__(self, model: nn.Module, adapters_off: bool):
+        super().__init__()
+        self.model, self.adapters_off = model, adapters_off
+        self.keep_logits = supports_logits_to_keep(model)
+
+    def forward(self, input_ids, attention_mask, response_length: int) -> torch.Tensor:
+        with self.model.disable_adapter() if self.adapters_off else contextlib.nullcontext():
+            return response_logits(self.model, self.keep_logits, input_ids, attention_mask,
+                                   response_length)
+
+
+@contextlib.contextmanager
+def placed(model: nn.Module, device, offload: bool):
+    """With OFFLOAD_REF_AND_REWARD, a frozen model moves to the accelerator only while it runs
+    (not a LoRA policy's base, which is trained around)."""
+    if not offload or any(p.requires_grad for p in model.parameters()):
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. PPOTrainer: one PPO step, the guide's hooks, evaluation, the training loop
+# ---------------------------------------------------------------------------------------------
+class PPOTrainer:
+    """PPO-RLHF trainer. Keyword arguments: the constants of section 2 (e.g. BATCH_SIZE=2), and
+    resume_from_checkpoint="OUTPUT_DIR/checkpoints/step_N" to continue a run exactly."""
+
+    def __init__(self, resume_from_checkpoint: Optional[str] = None, **settings):
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()           # no "Writing model shards" bars inside our own
+        self.cfg = cfg = make_config(settings)
+        validate_config(cfg)
+        self.backend = Backend.create(cfg)
+        self.accelerator = self.backend.accelerator
+        self.is_main, self.device = self.backend.is_main, self.backend.device
+        self.output_dir = Path(cfg.OUTPUT_DIR)
+        self.log_path = setup_logging(self.output_dir, self.is_main)
+        self.checkpoint = Path(resume_from_checkpoint) if resume_from_checkpoint else None
+        saved = load_checkpoint_state(self.checkpoint, cfg) if self.checkpoint else None
+        seed_everything(cfg.SEED + self.backend.rank)
+        self.state = TrainState(kl_coef=cfg.KL_COEF)
+        self.plan: Optional[Plan] = None
+        self.references: Dict[str, str] = {}       # prompt -> the dataset's reference output
+        self.prompt_ids: Dict[str, List[int]] = {}
+        self.prompt_texts: Dict[str, str] = {}      # prompt -> the text the policy conditions on
+        self.prompt_contents: Dict[str, str] = {}   # prompt -> content as kept (MAX_PROMPT_LENGTH)
+        self.eval_samples: List[dict] = []
+        self.eval_responses: List[str] = []         # this process's last evaluation responses
+        self.stop_request = StopRequest()
+        self.files = RunFiles(cfg, self.output_dir, self.is_main, self.log_path)
+        self.warned_negative_kl = False
+        self.last_eval_metric: Optional[float] = None   # EARLY_STOPPING_METRIC's latest value
+        models = load_models(cfg, self.backend, self.checkpoint)
+        self.tokenizer, self.reward_tokenizer, self.stop_ids = (
+            models.tokenizer, models.reward_tokenizer, models.stop_ids)
+        self.model, self.optimizer, self.ref, self.reward_model = (
+            models.model, models.optimizer, models.ref, models.reward_model)
+        self.reward_max_length = reward_input_limit(self.reward_tokenizer, self.reward_model)
+        # A reward model without a chat template and with the policy's tokenizer reads the ids the
+        # policy sampled: no decode and re-encode, which may merge or split tokens differently.
+        self.reward_reads_policy_ids = (not self.reward_tokenizer.chat_template and
+                                        shares_tokenizer(self.tokenizer, self.reward_tokenizer))
+        self.reward_specials = special_tokens_around(self.reward_tokenizer)
+        self.generated_ids: Dict[Tuple[str, str], List[int]] = {}   # (prompt, response): its ids
+        if self.reward_reads_policy_ids:
+            logger.info("The reward model has the policy's tokenizer and no chat template: it "
+                        "reads the policy's own token ids of prompt and response.")
+        if saved is not None:
+            self.state = restore_checkpoint(saved, self.checkpoint, cfg, self.backend)
+
+    @property
+    def policy(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model).policy
+
+    @property
+    def critic(self) -> Optional[nn.Module]:
+        return self.accelerator.unwrap_model(self.model).critic
+
+    # -- one PPO step: the experience, the update, the commit --------------------------------------
+    def train_step(self, prompts: List[str]) -> Dict[str, float]:
+        """One PPO step on this process's prompts: the experience, then the update. Returns its
+        metrics, averaged over processes: the same keys in every step of a run."""
+        cfg, timer, start = self.cfg, Timer(self.device), time.perf_counter()
+        schedule = minibatch_schedule(len(prompts) * cfg.GROUP_SIZE, self.state.global_step, cfg)
+        experience, first_pass, moments, metrics = self.make_experience(prompts, schedule, timer)
+        finite = torch.isfinite(torch.stack([t.sum() for t in experience.tensors()])).all()
+        self.stop_request.check(self.backend)
+        nonfinite, trained = self.backend.all_sum(torch.stack([(~finite).float(),
+                                                               experience.trained.sum().float()]))
+        with timer("update"):
+            if nonfinite == 0 and trained > 0:
+                metrics.update(self.ppo_update(experience, schedule, first_pass))
+            else:
+                if nonfinite:
+                    logger.warning(f"step {self.state.global_step + 1}: NaN / inf in the scores or "
+                                   "advantages (reward model or compute_rewards); the update is "
+                                   "skipped.")
+                else:
+                    logger.info(f"step {self.state.global_step + 1}: the responses of every group "
+                                "scored the same (DYNAMIC_SAMPLING): nothing to learn, no update.")
+                metrics.update(skipped_update_metrics(optimizer_steps_per_update(schedule),
+                                                      experience.values is not None, cfg,
+                                                      nothing_to_learn=bool(nonfinite == 0)))
+        metrics = self.backend.mean_metrics(metrics)
+        self.commit_step(metrics, moments, len(experience) * self.backend.world)
+        timer["step"] = time.perf_counter() - start
+        generated = self.backend.all_sum(experience.response_mask.sum().float()).item()
+        metrics.update({f"time/{name}": seconds for name, seconds in timer.items()})
+        metrics["throughput/tokens_per_second"] = generated / timer["step"]
+        metrics.update({f"lr/{name}": group["lr"]
+                        for name, group in zip(("policy", "critic"), self.optimizer.param_groups)})
+        return metrics
+
+    def make_experience(self, prompts: List[str], schedule=None, timer: Optional[Timer] = None
+                        ) -> Tuple[Experience, Optional[PolicyPass], Optional[tuple],
+                                   Dict[str, torch.Tensor]]:
+        """The rollout recipe for this process's prompts, GROUP_SIZE responses each: 1-3 here, 4-6
+        in experience_of. Returns the complete experience, the update's first forward when the
+        minibatch schedule lets it stand for the old pass (else None: always without a schedule),
+        the reward moments to keep, and the rollout's metrics."""
+        check = lambda: self.stop_request.check(self.backend)      # noqa: E731
+        timer = timer if timer is not None else Timer(self.device)
+        self.generated_ids = {}
+        with timer("generate"):            # 1. sample, cut each response after its first stop token
+            rollout = self.generate_response([p for p in prompts
+                                              for _ in range(self.cfg.GROUP_SIZE)])
+        check()
+        with timer("score"):               # 2-3. score, reference reward, missing-EOS penalty
+            scores, moments, metrics = self.score_rollout(rollout)
+        check()
+        with timer("forward"):
+            experience, first_pass, pass_metrics = self.experience_of(rollout, scores, schedule)
+        return experience, first_pass, moments, {**metrics, **pass_metrics}
+
+    def generate_response(self, prompts: List[str], max_new_tokens: Optional[int] = None,
+                          do_sample: bool = True) -> Rollout:
+        """One response per prompt, in batches of BATCH_SIZE * GROUP_SIZE, each cut after its first
+        stop token."""
+        cfg, pad = self.cfg, self.tokenizer.pad_token_id
+        self.prepare_prompts(prompts)
+        config = self.generation_config(do_sample, max_new_tokens or cfg.MAX_NEW_TOKENS)
+        policy = self.policy.eval()    # eval mode: gradient checkpointing would disable the cache
+        queries = [self.prompt_ids[p] for p in prompts]
+        responses, has_eos = [], []
+        for start in range(0, len(prompts), cfg.BATCH_SIZE * cfg.GROUP_SIZE):
+            query_ids, query_mask = pad_left(queries[start:start + cfg.BATCH_SIZE * cfg.GROUP_SIZE],
+                                             pad)
+            with torch.no_grad(), self.backend.autocast():
+                out = policy.generate(input_ids=query_ids.to(self.device), generation_config=config,
+                                      attention_mask=query_mask.long().to(self.device))
+            generated = out[:, query_ids.shape[1]:].cpu()                           # (b, T)
+            lengths, has_stop = truncate_at_stop(generated, self.stop_ids)
+            responses += [row[:n].tolist() for row, n in zip(generated, lengths.tolist())]
+            has_eos += has_stop.tolist()
+        policy.train()
+        bodies = [r[:-1] if eos else r for r, eos in zip(responses, has_eos)]
+        texts = response_texts(self.tokenizer, queries, bodies)
+        self.generated_ids.update(zip(zip(prompts, texts), bodies))
+        query_ids, query_mask = pad_left(queries, pad)
+        response_ids, response_mask = pad_right(responses, pad)
+        to = self.device
+        return Rollout(list(prompts), query_ids.to(to), query_mask.to(to), response_ids.to(to),
+                       response_mask.to(to), texts, torch.tensor(has_eos, device=to))
+
+    def score_rollout(self, rollout: Rollout
+                      ) -> Tuple[torch.Tensor, Optional[tuple], Dict[str, torch.Tensor]]:
+        """Steps 2-3: score = compute_rewards (+ reference reward), normalised, clipped, minus
+        MISSING_EOS_PENALTY for responses that never stopped. Returns (scores (B,), the running
+        reward moments to keep when REWARD_NORMALIZATION is on (else None), metrics)."""
+        cfg = self.cfg
+        with placed(self.reward_model, self.device, self.cfg.OFFLOAD_REF_AND_REWARD):
+            model_scores = self.rewards_of(rollout.prompts, rollout.responses)
+        correct, has_ref = self.reference_matches(rollout.prompts, rollout.responses)
+        scores = model_scores + cfg.REFERENCE_REWARD * correct
+        total, total_sq, count, n_correct, n_ref = self.backend.all_sum(torch.stack([
+            scores.sum(), (scores ** 2).sum(), torch.tensor(float(len(scores)), device=self.device),
+            correct.sum(), has_ref.sum().float()]))
+        metrics = {"objective/rm_score": model_scores.mean()}
+        if self.references:    # a per-run key: NaN in a step none of whose prompts has one
+            metrics["train/accuracy"] = n_correct / n_ref
+        moments = None
+        if cfg.REWARD_NORMALIZATION:
+            s, mean = self.state, (total / count).item()
+            var = max((total_sq / count).item() - mean ** 2, 0.0)
+            moments = merge_moments(s.reward_mean, s.reward_var, s.reward_count, mean, var,
+                                    int(count.item()))
+            scores = (scores - moments[0]) / math.sqrt(moments[1] + 1e-8)
+        if cfg.REWARD_CLIP:
+            scores = scores.clamp(-cfg.REWARD_CLIP, cfg.REWARD_CLIP)
+        scores = scores - cfg.MISSING_EOS_PENALTY * (~rollout.has_eos).float()
+        if cfg.OVERLONG_BUFFER:
+            penalty = overlong_penalty(rollout.response_mask.sum(1), cfg.MAX_NEW_TOKENS,
+                                       cfg.OVERLONG_BUFFER, cfg.OVERLONG_PENALTY)
+            scores = scores + penalty
+            metrics["objective/overlong_penalty"] = penalty.mean()
+        metrics["objective/score"] = scores.mean()
+        return scores, moments, metrics
+
+    def rewards_of(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
+        """compute_rewards, checked: (B,) float32 (the caller has placed the reward model)."""
+        scores = self.compute_rewards(prompts, responses)
+        scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).to(self.device)
+        if len(scores) != len(responses):
+            raise TrainingError(f"compute_rewards returned {len(scores)} scores for "
+                                f"{len(responses)} responses; it must return one score per "
+                                "response.")
+        return scores
+
+    def reference_matches(self, prompts: List[str],
+                          responses: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(correct (B,) float, has_reference (B,) bool) under ANSWER_MATCH against the dataset's
+        outputs."""
+        refs = [self.references.get(p) for p in prompts]
+        correct = [float(r is not None and answer_matches(text, r, self.cfg.ANSWER_MATCH))
+                   for text, r in zip(responses, refs)]
+        return (torch.tensor(correct, device=self.device),
+                torch.tensor([r is not None for r in refs], device=self.device))
+
+    def experience_of(self, rollout: Rollout, scores: torch.Tensor, schedule=None
+                      ) -> Tuple[Experience, Optional[PolicyPass], Dict[str, torch.Tensor]]:
+        """Steps 4-6 of the recipe on a scored rollout: (experience, first pass or None,
+        metrics)."""
+        cfg, mask = self.cfg, rollout.response_mask
+        beta = 0.0 if cfg.KL_IN_LOSS else self.state.kl_coef        # KL_IN_LOSS: not in the reward
+        ref_logprobs = self.reference_logprobs(rollout)                         # 4. log pi_ref
+        if schedule is not None and reuses_first_pass(schedule, len(rollout)):  # 4. pi_old, V_old
+            order = schedule[0][0][0]                       # the first micro-batch, in its order
+            first_pass = self.forward(rollout.select(order))
+            old = first_pass.detached_rows(torch.argsort(order))
+        else:
+            first_pass, old = None, self.old_pass(rollout)
+        advantages, returns, kl, unwhitened = compute_advantages(               # 5-6.
+            scores, old.logprobs, ref_logprobs, old.values, mask, beta, cfg, self.backend.mean_var)
+        trained = torch.ones(len(rollout), dtype=torch.bool, device=mask.device)
+        if cfg.DYNAMIC_SAMPLING:
+            trained = ~uninformative_groups(scores, cfg.GROUP_SIZE)
+        experience = Experience(rollout.query_ids, rollout.query_mask, rollout.response_ids, mask,
+                                rollout.has_eos, scores, old.logprobs, ref_logprobs, old.values,
+                                advantages, returns, trained)
+        non_score_reward = -beta * masked_sum(kl, mask, 1)                                  # (B,)
+        metrics = {"objective/kl": masked_sum(kl, mask, 1).mean(),
+                   "objective/kl_coef": torch.tensor(beta),
+                   "objective/entropy": masked_mean(old.entropy, mask),
+                   "objective/non_score_reward": non_score_reward.mean(),
+                   "objective/rlhf_reward": (scores + non_score_reward).mean(),
+                   "ppo/advantages_mean": masked_mean(unwhitened, mask),
+                   "response/length": mask.sum(1).float().mean(),
+                   "response/eos_rate": rollout.has_eos.float().mean()}
+        if cfg.DYNAMIC_SAMPLING:
+            metrics["ppo/trained_fraction"] = trained.float().mean()
+        if old.values is not None:
+            metrics.update({
+                "ppo/returns_mean": masked_mean(returns, mask),
+                "ppo/val/mean": masked_mean(old.values, mask),
+                "ppo/val/explained_variance": explained_variance(old.values, returns, mask)})
+        return experience, first_pass, metrics
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """log pi_ref of every response token (B, T), the reference placed once for the whole
+        rollout."""
+        logprobs = torch.zeros(rollout.response_ids.shape, device=self.device)
+        offload = self.cfg.OFFLOAD_REF_AND_REWARD
+        with placed(self.ref, self.device, offload), self.backend.autocast():
+            for idx in torch.arange(len(rollout)).split(self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE):
+                rows = rollout.select(idx)
+                t = rows.response_ids.shape[1]
+                logits = self.ref(*rows.sequences(), t)
+                logprobs[idx, :t] = logprobs_and_entropy(logits, rows.response_ids,
+                                                         self.cfg.TEMPERATURE,
+                                                         with_entropy=False)[0]
+        return logprobs
+
+    @torch.no_grad()
+    def old_pass(self, rollout: Rollout) -> PolicyPass:
+        """log pi_old, entropy and V_old of every response token, micro-batch by micro-batch (B, T)
+        each."""
+        length = rollout.response_ids.shape[1]
+        parts = [self.forward(rollout.select(idx)) for idx in
+                 torch.arange(len(rollout)).split(self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE)]
+        return PolicyPass(*(None if pieces[0] is None else torch.cat(
+            [nn.functional.pad(p.float(), (0, length - p.shape[1])) for p in pieces])
+            for pieces in zip(*parts)))
+
+    def forward(self, rows: Rows) -> PolicyPass:
+        """The trained models over some rows, on the numeric path of the update (with gradients)."""
+        ids, attention = rows.sequences()
+        with self.backend.autocast():
+            logits, values = self.model(ids, attention, rows.response_ids.shape[1])
+        logprobs, entropy = logprobs_and_entropy(logits, rows.response_ids, self.cfg.TEMPERATURE)
+        return PolicyPass(logprobs, entropy, values)
+
+    def ppo_update(self, experience: Experience, schedule=None,
+                   first_pass: Optional[PolicyPass] = None) -> Dict[str, torch.Tensor]:
+        """GROUP_EPOCHES shuffled passes over the experience, an optimizer step per minibatch (none
+        for a minibatch with nothing to train: a stale Adam momentum would move the weights); with
+        TARGET_KL, the remaining passes are dropped once the approximate KL of a pass exceeds it."""
+        cfg = self.cfg
+        schedule = schedule or minibatch_schedule(len(experience), self.state.global_step, cfg)
+        totals: Dict[str, torch.Tensor] = {}
+        norms, skipped, empty, epochs_done = [], 0, 0, 0
+        for minibatches in schedule:
+            epoch: Dict[str, torch.Tensor] = {}
+            for micro_batches in minibatches:
+                sums = self.minibatch_update(experience, micro_batches, first_pass)
+                first_pass = None
+                if sums is None:
+                    norms.append(torch.full((2,), math.nan, device=self.device))
+                    skipped, empty = skipped + 1, empty + 1
+                    continue
+                epoch = {k: epoch.get(k, 0) + v for k, v in sums.items()}
+                step_norms, stepped = self.optimizer_step()
+                norms.append(step_norms)
+                skipped += not stepped
+            totals = {k: totals.get(k, 0) + v for k, v in epoch.items()}
+            epochs_done += 1
+            if cfg.TARGET_KL:
+                kl, tokens = self.backend.all_sum(torch.stack([epoch["approx_kl"],
+                                                               epoch["tokens"]]))
+                if kl / tokens > cfg.TARGET_KL:
+                    break
+        return update_metrics(totals, torch.stack(norms), epochs_done, skipped,
+                              empty if cfg.DYNAMIC_SAMPLING else None)
+
+    def minibatch_update(self, experience: Experience, micro_batches: List[torch.Tensor],
+                         first_pass: Optional[PolicyPass] = None) -> Dict[str, torch.Tensor]:
+        """Forward and backward over one minibatch; every loss term is a sum over rows divided by
+        its count over the whole minibatch on all processes (loss_counts), so the gradient does not
+        depend on how it is split. Returns ppo_loss's statistics summed over the minibatch, or
+        None when DYNAMIC_SAMPLING left no row of it to train on any process."""
+        batches = [experience.select(idx) for idx in micro_batches]
+        counts = self.backend.all_sum(sum(loss_counts(batch, self.cfg) for batch in batches))
+        if counts[0] == 0:
+            return None
+        counts = counts / self.backend.world               # DDP averages gradients over processes
+        totals: Dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(batches):
+            last = i == len(micro_batches) - 1
+            with self.backend.micro_batch(last):
+                current = first_pass if first_pass is not None else self.forward(batch)
+                loss, sums = ppo_loss(*current, batch, self.cfg, counts)
+                self.backend.backward(loss, last)
+            first_pass = None
+            totals = {k: totals.get(k, 0) + v for k, v in sums.items()}
+        return totals
+
+    def optimizer_step(self) -> Tuple[torch.Tensor, bool]:
+        """Clip, then step at the scheduled learning rates, or skip a step with a NaN / inf gradient
+        (weights, optimizer state and lr schedule untouched). Returns (gradient norms, stepped)."""
+        norms, stepped, note = self.backend.step(learning_rates(self.state, self.plan, self.cfg))
+        self.state.optimizer_steps += stepped
+        if not stepped:
+            logger.warning(f"step {self.state.global_step + 1}: {note}.")
+        return norms, stepped
+
+    def commit_step(self, metrics: Dict[str, float], moments: Optional[tuple],
+                    n_responses: int) -> None:
+        """What a completed step changes in the run state besides the optimizer: reward moments,
+        the NaN skip counters (an optimizer step with nothing to train is not one), the adaptive
+        KL coefficient."""
+        cfg, s = self.cfg, self.state
+        if moments is not None:
+            s.reward_mean, s.reward_var, s.reward_count = moments
+        skipped = (metrics["ppo/skipped_optimizer_steps"] -
+                   metrics.get("ppo/empty_minibatches", 0)) > 0
+        s.skipped_steps += skipped
+        s.consecutive_skips = s.consecutive_skips + 1 if skipped else 0
+        if s.consecutive_skips >= cfg.MAX_CONSECUTIVE_SKIPS:
+            raise TrainingError(
+                f"{s.consecutive_skips} steps in a row hit a NaN / inf (MAX_CONSECUTIVE_SKIPS = "
+                f"{cfg.MAX_CONSECUTIVE_SKIPS}); stopping. The last checkpoint is intact. Try a "
+                "lower LEARNING_RATE, MAX_GRAD_NORM = 0.5, or check the reward model's scores.")
+        kl = metrics["objective/kl"]
+        if not math.isfinite(kl):
+            return
+        if cfg.ADAPTIVE_KL:
+            s.kl_coef = adaptive_kl_coef(s.kl_coef, kl, n_responses, cfg.ADAPTIVE_KL_TARGET,
+                                         cfg.ADAPTIVE_KL_HORIZON)
+        if kl < -0.1 and cfg.KL_ESTIMATOR == "k1" and not self.warned_negative_kl:
+            self.warned_negative_kl = True
+            logger.warning(f"Mean KL is negative ({kl:.3f}): responses are not sampled from "
+                           "the policy itself (filtered sampling, a changed generate, or a "
+                           "temperature mismatch).")
+
+    # -- the guide's hooks -------------------------------------------------------------------------
+    def compute_rewards(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
+        """One score per response, shape (B,). Override to add terms (the guide's custom reward
+        section)."""
+        return self.reward_model_scores(prompts, responses)
+
+    def reward_model_score(self, prompt: str, response: str) -> torch.Tensor:
+        """The reward model's score of one response (a 0-dim tensor)."""
+        return self.reward_model_scores([prompt], [response])[0]
+
+    @torch.no_grad()
+    def reward_model_scores(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
+        """Batched reward-model scores (B,) of reward_input_ids, read at the last real token."""
+        rows, scores = self.reward_input_ids(prompts, responses), []
+        chunk = self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE
+        for start in range(0, len(rows), chunk):
+            ids, mask = pad_right(rows[start:start + chunk], self.reward_tokenizer.pad_token_id)
+            with self.backend.autocast():
+                scores.append(sequence_scores(self.reward_model, ids.to(self.device),
+                                              mask.long().to(self.device)))
+        return torch.cat(scores)
+
+    def compute_diversity(self, response: str) -> float:
+        """distinct-2 of the response in the policy's tokens: distinct token bigrams / bigrams, in
+        [0, 1]; 1 = no bigram repeats, near 0 = a loop ("7 7 7 7"). 0 for a response of fewer
+        than 2 tokens (nothing to measure, and no bonus for saying nothing)."""
+        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+        bigrams = list(zip(ids, ids[1:]))
+        return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
+    # -- evaluation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, eval_prompts: List[str]) -> Dict[str, float]:
+        """Generate for this process's share of eval_prompts (greedy unless EVAL_GREEDY is False)
+        and measure, over all processes: mean reward-model score, accuracy against references,
+        response length, EOS rate. Override to add metrics: eval_metrics["custom_metric"] = ...;
+        logged as eval/<name>; self.eval_responses holds the responses (this process's share)."""
+        prompts, real = shard(eval_prompts, self.backend.rank, self.backend.world)
+        self.generated_ids = {}
+        starts = range(0, len(prompts), self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE)
+        generations = [self.generate_response(prompts[s:s +
+                                                      self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE],
+                                              do_sample=not self.cfg.EVAL_GREEDY) for s in starts]
+        # placed once for the whole evaluation
+        with placed(self.reward_model, self.device, self.cfg.OFFLOAD_REF_AND_REWARD):
+            rewards = [self.rewards_of(g.prompts, g.responses) for g in generations]
+        sums = torch.zeros(6, device=self.device)    # reward, length, eos, correct, has_ref, count
+        for start, generation, reward in zip(starts, generations, rewards):
+            counted = (torch.arange(start, start + len(reward), device=self.device) < real).float()
+            correct, has_ref = self.reference_matches(generation.prompts, generation.responses)
+            rows = torch.stack([reward, generation.response_mask.sum(1).float(),
+                                generation.has_eos.float(), correct, has_ref.float(),
+                                torch.ones_like(reward)])
+            sums += (rows * counted).sum(1)
+        self.eval_responses = [r for g in generations for r in g.responses][:real]
+        self.eval_samples = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in
+                             zip(prompts[:real], generations[0].responses, rewards[0])
+                             ][:self.cfg.NUM_SAMPLES_TO_LOG]
+        reward, length, eos, correct, has_ref, count = self.backend.all_sum(sums).tolist()
+        metrics = {"reward": reward / count, "response_length": length / count,
+                   "eos_rate": eos / count}
+        if has_ref:
+            metrics["accuracy"] = correct / has_ref
+        return metrics
+
+    def run_evaluation(self, eval_prompts: List[str]) -> Dict[str, float]:
+        """evaluate(), averaged over processes, keys prefixed with eval/, samples logged."""
+        start = time.perf_counter()
+        self.eval_samples = []
+        metrics = self.evaluate(eval_prompts)
+        metrics = self.backend.mean_metrics({k if k.startswith("eval/") else f"eval/{k}": v
+                                             for k, v in metrics.items()})
+        self.state.last_eval_step = self.state.global_step
+        summary = " ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items())
+        metrics["time/eval"] = time.perf_counter() - start
+        logger.info(f"eval at step {self.state.global_step}: {summary}")
+        for sample in self.eval_samples:
+            logger.info(f"  prompt: {sample['prompt']!r}\n  response: {sample['response']!r}\n"
+                        f"  reward: {sample['reward']:.3f}")
+        self.files.samples(self.state.global_step, self.eval_samples)
+        return metrics
+
+    # -- the training loop -------------------------------------------------------------------------
+    def train(self, train_prompts: Optional[List[str]] = None,
+              eval_prompts: Optional[List[str]] = None) -> str:
+        """Train until NUM_EPOCHES, MAX_STEPS or early stopping; without prompts, on TRAIN_DATASETS
+        and EVAL_DATASETS. Returns why it stopped."""
+        if train_prompts is None:
+            train_prompts, eval_prompts, references = load_data(self.cfg)
+            self.references.update(references)
+        eval_prompts = list(eval_prompts or [])
+        if self.checkpoint is None and holds_run(self.output_dir):
+            raise ConfigError(f"OUTPUT_DIR = {str(self.output_dir)!r} already holds a run "
+                              "(checkpoints or logs/metrics.jsonl). Resume it (RESUME = 'yes', or "
+                              "resume_from_checkpoint=...), or choose another OUTPUT_DIR; nothing "
+                              "there is overwritten.")
+        if eval_metric_in_use(self.cfg) and not eval_prompts:
+            raise ConfigError(f"EARLY_STOPPING_METRIC = {self.cfg.EARLY_STOPPING_METRIC!r} drives "
+                              "early stopping or the plateau schedule, but EVAL_DATASETS is empty: "
+                              "add an evaluation set, or set EARLY_STOPPING_PATIENCE = 0.")
+        self.prepare_prompts(list(train_prompts) + eval_prompts)
+        self.plan = make_plan(len(train_prompts), self.cfg, self.backend.world)
+        self.files.open(self.state.global_step if self.checkpoint else None)
+        try:
+            with self.stop_request:
+                if self.state.global_step == 0 and self.state.last_eval_step < 0 and eval_prompts:
+                    metrics = self.run_evaluation(eval_prompts)
+                    error = missing_eval_metric(self.cfg, metrics)
+                    if error:
+                        raise error
+                    self.log_row(metrics)
+                reason = self.train_loop(train_prompts, eval_prompts)
+        except StepDropped:
+            reason = "interrupted"
+        if (self.state.global_step > 0 and
+                not checkpoint_path(self.output_dir, self.state.global_step).exists()):
+            self.save_checkpoint()
+        self.files.close()
+        if reason == "interrupted":
+            raise TrainingInterrupted(self.stop_request.signum,
+                                      checkpoint_path(self.output_dir, self.state.global_step))
+        logger.info(f"Training finished ({reason}) at step {self.state.global_step}. "
+                    f"Outputs: {self.output_dir}")
+        s = self.state
+        if s.best_step >= 0:
+            final = ("" if self.last_eval_metric is None else
+                     f"; the final policy (step {s.global_step}) has {self.last_eval_metric:.4g}")
+            logger.info(f"Best policy: {self.cfg.EARLY_STOPPING_METRIC} = {s.best_metric:.4g} at "
+                        f"step {s.best_step}, in {self.output_dir / 'best'}{final}")
+        return reason
+
+    def train_loop(self, train_prompts: List[str], eval_prompts: List[str]) -> str:
+        cfg, plan, backend = self.cfg, self.plan, self.backend
+        for epoch in range(self.state.epoch, cfg.NUM_EPOCHES):
+            self.state.epoch = epoch
+            order = epoch_order(len(train_prompts), cfg.SEED, epoch)
+            with tqdm(total=plan.steps_per_epoch,
+                      initial=math.ceil(self.state.position / plan.prompts_per_step),
+                      desc=f"Epoch {epoch + 1}/{cfg.NUM_EPOCHES}", disable=not self.is_main,
+                      dynamic_ncols=True, bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} "
+                                                     "[{elapsed}<{remaining}]") as bar:
+                while self.state.position < len(train_prompts):
+                    if self.state.global_step >= plan.total_steps:
+                        return "max_steps"
+                    batch = step_prompt_indices(order, self.state.position, plan.prompts_per_step)
+                    rng = rng_state()
+                    try:
+                        metrics = self.train_step([train_prompts[i]
+                                                   for i in batch[backend.rank::backend.world]])
+                    except StepDropped:                  # undo what the dropped step drew
+                        set_rng_state(rng)
+                        raise
+                    self.state.position = min(self.state.position + plan.prompts_per_step,
+                                              len(train_prompts))
+                    self.state.global_step += 1
+                    bar.update(1)
+                    reason = self.after_step(metrics, eval_prompts, bar)
+                    if reason:
+                        return reason
+            self.state.epoch, self.state.position = epoch + 1, 0
+        return "completed"
+
+    def after_step(self, metrics: Dict[str, float], eval_prompts: List[str], bar) -> Optional[str]:
+        """Evaluate, log, save, and decide whether to stop, after PPO step global_step."""
+        cfg, step = self.cfg, self.state.global_step
+        stop, error = False, None
+        if eval_prompts and self.stop_request.signum is None and (
+                step >= self.plan.total_steps or
+                (cfg.EVAL_EVERY_N_STEPS and step % cfg.EVAL_EVERY_N_STEPS == 0)):
+            eval_metrics = self.run_evaluation(eval_prompts)
+            metrics.update(eval_metrics)
+            error = missing_eval_metric(cfg, eval_metrics)
+            if cfg.EARLY_STOPPING_METRIC in eval_metrics:
+                self.state, improved, stop = track_eval(
+                    self.state, eval_metrics[cfg.EARLY_STOPPING_METRIC], cfg)
+                self.last_eval_metric = eval_metrics[cfg.EARLY_STOPPING_METRIC]
+                if improved:
+                    self.save_policy(self.output_dir / "best")
+        self.log_row(metrics)
+        bar.set_description_str(f"Epoch {self.state.epoch + 1}/{cfg.NUM_EPOCHES}: "
+                                f"{progress_postfix(metrics)}")
+        if (cfg.SAVE_EVERY_N_STEPS and step % cfg.SAVE_EVERY_N_STEPS == 0) or stop or error:
+            self.save_checkpoint()
+        if error:
+            raise error
+        if stop:
+            logger.info(f"Early stopping: {cfg.EARLY_STOPPING_METRIC} has not improved for "
+                        f"{self.state.evals_without_improvement} evaluations; "
+                        f"best {self.state.best_metric:.4g} at step {self.state.best_step} "
+                        f"(policy in {self.output_dir / 'best'})")
+            return "early_stopping"
+        return "interrupted" if self.stop_request.signum is not None else None
+
+    def log_row(self, metrics: Dict[str, float]) -> None:
+        s = self.state
+        epoch = s.epoch + (s.position / self.plan.prompts if self.plan else 0.0)
+        self.files.log({"step": s.global_step, "epoch": epoch, **metrics}, s.global_step)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def save_policy(self, folder: Path) -> None:
+        """Policy and tokenizer in Hugging Face format, written atomically (used for best/)."""
+        if self.is_main:
+            write_atomically(folder, lambda tmp: write_policy(self.policy, self.tokenizer, tmp,
+                                                              tmp / "adapter", self.cfg))
+        self.backend.wait()
+
+    def save_checkpoint(self) -> Path:
+        """OUTPUT_DIR/checkpoints/step_N/{policy/, critic/, training_state.pt, config.json},
+        complete or absent."""
+        path = checkpoint_path(self.output_dir, self.state.global_step)
+        write_checkpoint(path, self.state, self.backend, self.cfg, self.policy, self.critic,
+                         self.tokenizer)
+        if self.is_main:
+            rotate_checkpoints(self.output_dir / "checkpoints", self.cfg.SAVE_TOTAL_LIMIT,
+                               keep=self.state.best_step if self.state.best_step >= 0 else None)
+        self.backend.wait()
+        return path
+
+    # -- tokens the hooks rely on ------------------------------------------------------------------
+    def prepare_prompts(self, prompts: Sequence[str]) -> None:
+        """Tokenize prompts once into self.prompt_ids: the content inside the chat template (or
+        after the tokenizer's BOS), and when that is longer than MAX_PROMPT_LENGTH the content is
+        cut from the left, so BOS and the template's header survive. What the policy then sees is
+        kept for the reward model: self.prompt_texts (as rendered) and self.prompt_contents (the
+        content)."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self.prompt_ids]
+        if not new:
+            return
+        tok, template = self.tokenizer, self.cfg.USE_CHAT_TEMPLATE
+        limit, too_long = self.cfg.MAX_PROMPT_LENGTH, 0
+        for prompt, (ids, text) in zip(new, encode_prompts(tok, new, template)):
+            content = prompt
+            if len(ids) > limit:
+                too_long += 1
+                content_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+                keep = len(content_ids) - (len(ids) - limit)      # the template's tokens stay
+                # re-encoding may merge differently
+                while len(ids) > limit and keep > 0:
+                    content = tok.decode(content_ids[-keep:], skip_special_tokens=True)
+                    (ids, text), keep = encode_prompts(tok, [content], template)[0], keep - 1
+                if len(ids) > limit:
+                    raise ConfigError(f"MAX_PROMPT_LENGTH = {limit} leaves no room for a prompt: "
+                                      "the chat template and special tokens alone take "
+                                      f"{len(ids)} tokens.")
+            self.prompt_ids[prompt], self.prompt_texts[prompt] = ids, text
+            self.prompt_contents[prompt] = content
+        if too_long:
+            logger.warning(f"{too_long} of {len(new)} prompts are longer than MAX_PROMPT_LENGTH = "
+                           f"{limit} tokens; their content keeps its last tokens (the chat "
+                           "template and BOS are kept whole).")
+
+    def generation_config(self, do_sample: bool, max_new_tokens: int):
+        """Sampling from the full softmax(logits / T): every filter the model's generation_config
+        may set (top-k, top-p, min-p, typical, repetition penalties, minimum length) is
+        neutralised."""
+        from transformers import GenerationConfig
+        sampling = ({"temperature": self.cfg.TEMPERATURE, "top_k": 0, "top_p": 1.0,
+                     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+                     # min_p = 0.0 would still add a no-op warper
+                     "min_p": None if self.policy.generation_config.min_p is None else 0.0}
+                    if do_sample else {})
+        return GenerationConfig(
+            do_sample=do_sample, max_new_tokens=max_new_tokens, min_new_tokens=0, num_beams=1,
+            repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True, **sampling,
+            eos_token_id=self.stop_ids.tolist(), pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id)
+
+    def reward_input_ids(self, prompts: List[str], responses: List[str]) -> List[List[int]]:
+        """What the reward model reads for each pair, in its tokenizer's ids: the policy's own ids
+        of a pair that generate_response wrote, when the reward model shares the policy's tokenizer
+        and has no chat template; else its own template with prompt and response as two turns, or
+        the text the policy conditioned on followed by what it wrote."""
+        tok, rows, texts = self.reward_tokenizer, [], []
+        bos = tok.bos_token_id
+        adds_bos = bos is not None and self.reward_specials[0][:1] == [bos]
+        for p, r in zip(prompts, responses):
+            own = self.generated_ids.get((p, r)) if self.reward_reads_policy_ids else None
+            if own is not None:
+                rows.append(reward_ids_from_policy(self.prompt_ids[p], own, *self.reward_specials,
+                                                   self.reward_max_length))
+                continue
+            rows.append(None)
+            if tok.chat_template:        # its own template separates the turns
+                texts.append(tok.apply_chat_template(
+                    [{"role": "user", "content": self.prompt_contents.get(p, p)},
+                     {"role": "assistant", "content": r.lstrip()}], tokenize=False))
+            else:                        # the text the policy conditioned on, then what it wrote
+                text = self.prompt_texts.get(p, p) + r
+                # a template's BOS as text: the tokenizer adds its own
+                texts.append(text.removeprefix(tok.bos_token) if adds_bos else text)
+        encoded = iter(tok(texts, add_special_tokens=not tok.chat_template,
+                           truncation=self.reward_max_length is not None,
+                           max_length=self.reward_max_length)["input_ids"] if texts else [])
+        return [row if row is not None else next(encoded) for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Tokens and text: prompts in, responses out, what the reward model reads; answer rules
+# ---------------------------------------------------------------------------------------------
+def encode_prompts(tokenizer, contents: List[str],
+                   use_template: bool) -> List[Tuple[List[int], str]]:
+    """(token ids, text) the policy conditions on for each prompt content: inside its chat template
+    (which writes any BOS itself), or after the BOS the tokenizer adds."""
+    if not (use_template and tokenizer.chat_template):
+        return list(zip(tokenizer(contents, add_special_tokens=True)["input_ids"], contents))
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                           add_generation_prompt=True) for c in contents]
+    return list(zip(tokenizer(texts, add_special_tokens=False)["input_ids"], texts))
+
+
+def response_texts(tokenizer, prompt_ids: List[List[int]],
+                   response_ids: List[List[int]]) -> List[str]:
+    """Each response decoded after its prompt and cut off that prompt's own decode: the boundary
+    keeps the space the tokenizer puts there (SentencePiece and word-level decoders drop a first
+    token's leading space when a response is decoded alone, which glued "was" + "very" into
+    "wasvery")."""
+    def decode(ids):
+        return tokenizer.batch_decode(ids, skip_special_tokens=True,
+                                      clean_up_tokenization_spaces=False)
+    prompts = decode(prompt_ids)
+    joint = decode([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)])
+    texts = [j[len(p):] if j.startswith(p) else None for p, j in zip(prompts, joint)]
+    alone = decode([r for r, text in zip(response_ids, texts) if text is None])
+    return [text if text is not None else alone.pop(0) for text in texts]
+
+
+TOKENIZER_PROBES = ("Hello world", " a leading space,  two spaces",
+                    "What is 3 + 4?\nThe answer is 7.", "naïve café, 日本語, 🙂", "x\t\ty  \n\nz")
+
+
+def shares_tokenizer(policy_tokenizer, reward_tokenizer) -> bool:
+    """Whether the reward model's tokenizer is the policy's in effect: the same vocabulary and the
+    same ids for the same texts (a path or a class name proves nothing)."""
+    if policy_tokenizer.get_vocab() != reward_tokenizer.get_vocab():
+        return False
+    return all(policy_tokenizer(text, add_special_tokens=False)["input_ids"] ==
+               reward_tokenizer(text, add_special_tokens=False)["input_ids"]
+               for text in TOKENIZER_PROBES)
+
+
+def special_tokens_around(tokenizer) -> Tuple[List[int], List[int]]:
+    """The ids a tokenizer's post-processor puts before and after a text (BOS, EOS, ...)."""
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return full[:start], full[start + len(bare):]
+    return [], []
+
+
+def reward_ids_from_policy(prompt_ids: List[int], response_ids: List[int], prefix: List[int],
+                           suffix: List[int], limit: Optional[int]) -> List[int]:
+    """A reward model's input made of the policy's own ids: the reward tokenizer's special tokens
+    around prompt + response (a BOS the prompt starts with is not doubled), the content cut from
+    the left to fit `limit`, as the tokenizer truncates text."""
+    content = list(prompt_ids) + list(response_ids)
+    if prefix and content[:len(prefix)] == prefix:
+        content = content[len(prefix):]
+    if limit is not None:
+        content = content[max(0, len(content) - max(1, limit - len(prefix) - len(suffix))):]
+    return list(prefix) + content + list(suffix)
+
+
+def reward_input_limit(tokenizer, model: nn.Module) -> Optional[int]:
+    """The longest input the reward model takes (learned positions end there); None when
+    unbounded."""
+    config = model.config
+    limits = [getattr(config, "max_position_embeddings", None) or
+              getattr(config, "n_positions", None),
+              tokenizer.model_max_length if tokenizer.model_max_length < 1e9 else None]
+    limits = [n for n in limits if n]
+    return min(limits) if limits else None
+
+
+def template_turn_end(tokenizer) -> Optional[int]:
+    """The special token the chat template writes right after an assistant's message (<|im_end|>,
+    <|eot_id|>, <end_of_turn>, ...), or None: a base model with a chat template may have another
+    EOS."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"},
+                                              {"role": "assistant", "content": "y"}],
+                                             tokenize=False)
+    except Exception:                                # a template that refuses this conversation
+        return None
+    tail = tokenizer(text[text.rfind("y") + 1:], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
+                                                 if t.special}
+    return next((i for i in tail if i in special), None)
+
+
+def check_generation_prompt(tokenizer) -> None:
+    """USE_CHAT_TEMPLATE needs a template that ends the user's turn: with a generation prompt
+    (ChatML, Llama-3) or a closing marker ([/INST] of Llama-2 / Mistral); one that leaves the user's
+    text open would have the policy continue the user's turn."""
+    messages = [{"role": "user", "content": "ZQXJ"}]
+    with_prompt = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                add_generation_prompt=True)
+    closed = with_prompt[with_prompt.rfind("ZQXJ") + 4:].strip()
+    if with_prompt == tokenizer.apply_chat_template(messages, tokenize=False) and not closed:
+        raise ConfigError("ACTOR_MODEL's chat template neither opens the assistant's turn "
+                          "(add_generation_prompt changes nothing) nor closes the user's, so "
+                          "responses would continue the user's text. Use a template that does, or "
+                          "set USE_CHAT_TEMPLATE = False.")
+
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number(text: str) -> Optional[float]:
+    numbers = NUMBER.findall(text)
+    return float(numbers[-1].replace(",", "")) if numbers else None
+
+
+def answer_matches(response: str, reference: str, rule: str) -> bool:
+    """The accuracy / reference-reward rule. "last_number": the last numbers agree (GSM8K's
+    "#### 72" and "... the answer is 72." match); "exact": equal up to whitespace; "contains":
+    reference in response."""
+    if rule == "last_number":
+        got = last_number(response)
+        return got is not None and got == last_number(reference)
+    if rule == "exact":
+        return response.split() == reference.split()
+    if rule == "contains":
+        return reference.strip() in response
+    raise ValueError(f"unknown ANSWER_MATCH rule {rule!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Step bookkeeping: learning rates, update metrics, evaluations, random state, signals, timing
+# ---------------------------------------------------------------------------------------------
+def learning_rates(state, plan, cfg) -> Tuple[float, float]:
+    """Policy and critic learning rates at the state's optimizer step: schedule x plateau scale
+    x base."""
+    total = plan.optimizer_steps if plan else 0
+    schedule = (lr_factor(state.optimizer_steps, total, cfg.WARMUP_STEPS, cfg.LR_SCHEDULER_TYPE)
+                if cfg.USE_LR_SCHEDULER else 1.0)
+    factor = schedule * state.lr_scale
+    return cfg.LEARNING_RATE * factor, cfg.CRITIC_LEARNING_RATE * factor
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then the
+    schedule."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return 1.0 - progress
+    return 1.0                                 # "constant", and "plateau" (scaled on evaluation)
+
+
+def update_metrics(sums: Dict[str, torch.Tensor], norms: torch.Tensor, epochs: int,
+                   skipped: int, empty: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """The update's log rows from ppo_loss's sums over the whole update and the gradient norms
+    (optimizer steps, models); NaN sums and norms give the same keys for a step whose update was
+    skipped. skipped counts every optimizer step not taken; empty (DYNAMIC_SAMPLING) those of
+    them with no row to train, which are not NaN skips."""
+    per_token = {name: value / sums["tokens"].clamp(min=1) for name, value in sums.items()}
+    metrics = {"ppo/loss/policy": per_token["pg_loss"],
+               "ppo/policy/entropy": per_token["entropy"],
+               "ppo/policy/clipfrac": per_token["pg_clipped"],
+               "ppo/policy/approx_kl": per_token["approx_kl"],
+               "ppo/ratio_mean": per_token["ratio"],
+               "ppo/epochs": torch.tensor(float(epochs)),
+               "ppo/skipped_optimizer_steps": torch.tensor(float(skipped)),
+               **({} if empty is None else {"ppo/empty_minibatches": torch.tensor(float(empty))}),
+               "grad_norm/policy": norms[:, 0].nanmean()}
+    if "kl_loss" in sums:
+        metrics["ppo/loss/kl"] = per_token["kl_loss"]
+    if "vf_loss" in sums:
+        metrics["ppo/loss/value"] = per_token["vf_loss"]
+        metrics["ppo/val/clipfrac"] = per_token["vf_clipped"]
+        metrics["grad_norm/critic"] = norms[:, 1].nanmean()
+    return metrics
+
+
+def skipped_update_metrics(optimizer_steps: int, with_critic: bool, cfg,
+                           nothing_to_learn: bool) -> Dict[str, torch.Tensor]:
+    """update_metrics' keys for a step whose update did not run (a NaN, or nothing to learn):
+    NaN statistics, every optimizer step skipped."""
+    names = ("tokens", "pg_loss", "entropy", "pg_clipped", "approx_kl", "ratio") + (
+        ("vf_loss", "vf_clipped") if with_critic else ()) + (("kl_loss",) if cfg.KL_IN_LOSS else ())
+    nan = torch.tensor(math.nan)
+    empty = (optimizer_steps if nothing_to_learn else 0) if cfg.DYNAMIC_SAMPLING else None
+    return update_metrics(dict.fromkeys(names, nan), torch.full((1, 2), math.nan), 0,
+                          optimizer_steps, empty)
 
 
 def eval_metric_in_use(cfg: Config) -> bool:
@@ -1758,6 +1801,22 @@ def epoch_order(n: int, seed: int, epoch: int) -> List[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
+class TrainingError(Exception):
+    """The run cannot go on (repeated NaN, bad output of an override): one message, exit 1."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM: a checkpoint of the last completed step was written."""
+
+    def __init__(self, signum: int, checkpoint: Optional[Path]):
+        super().__init__(signum, checkpoint)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+class StepDropped(Exception):
+    """A signal arrived before the update of the step in flight began: the step is dropped."""
+
+
 class StopRequest:
     """SIGINT / SIGTERM while training: the first finishes (or drops) the step in flight, then the
     run saves and exits; a second exits at once."""
@@ -1812,7 +1871,7 @@ class Timer(dict):
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Backend: one process, DDP, fp16 and DeepSpeed ZeRO behind one interface
+# 8. Backend: one process, DDP, fp16 and DeepSpeed ZeRO behind one interface
 # ---------------------------------------------------------------------------------------------
 def use_cpu(cfg: Config) -> bool:
     """CPU when asked or when there is no GPU (then accelerate's multi-process backend is gloo)."""
@@ -2023,666 +2082,624 @@ class DeepSpeedBackend(Backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. PPOTrainer: the algorithm, and the guide's hooks
+# 9. Configuration loading and checks: constants < JSON/YAML file < --NAME=value < PPOTrainer(**kw)
 # ---------------------------------------------------------------------------------------------
-class PPOTrainer:
-    """PPO-RLHF trainer. Keyword arguments: the constants of section 2 (e.g. BATCH_SIZE=2), and
-    resume_from_checkpoint="OUTPUT_DIR/checkpoints/step_N" to continue a run exactly."""
+CHOICES = {
+    "LR_SCHEDULER_TYPE": ("cosine", "linear", "constant", "plateau"),
+    "KL_ESTIMATOR": ("k1", "k2", "k3"),
+    "POLICY_LOSS": ("ppo", "gspo", "cispo"),
+    "LOSS_AGGREGATION": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                         "seq-mean-token-sum-norm"),
+    "ANSWER_MATCH": ("last_number", "exact", "contains"),
+    "DEVICE": ("auto", "cpu"),
+    "MIXED_PRECISION": ("auto", "bf16", "fp16", "no"),
+    "ADVANTAGE_ESTIMATOR": ("gae", "grpo", "dr_grpo", "rloo", "reinforce++"),
+}
+MODEL_KEYS = ("ACTOR_MODEL", "CRITIC_MODEL", "REWARD_MODEL")
+STRUCTURE_KEYS = MODEL_KEYS + ("ADVANTAGE_ESTIMATOR", "USE_LORA", "LORA_R", "LORA_TARGET_MODULES")
 
-    def __init__(self, resume_from_checkpoint: Optional[str] = None, **settings):
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()           # no "Writing model shards" bars inside our own
-        self.cfg = cfg = make_config(settings)
-        validate_config(cfg)
-        self.backend = Backend.create(cfg)
-        self.accelerator = self.backend.accelerator
-        self.is_main, self.device = self.backend.is_main, self.backend.device
-        self.output_dir = Path(cfg.OUTPUT_DIR)
-        self.log_path = setup_logging(self.output_dir, self.is_main)
-        self.checkpoint = Path(resume_from_checkpoint) if resume_from_checkpoint else None
-        saved = load_checkpoint_state(self.checkpoint, cfg) if self.checkpoint else None
-        seed_everything(cfg.SEED + self.backend.rank)
-        self.state = TrainState(kl_coef=cfg.KL_COEF)
-        self.plan: Optional[Plan] = None
-        self.references: Dict[str, str] = {}       # prompt -> the dataset's reference output
-        self.prompt_ids: Dict[str, List[int]] = {}
-        self.prompt_texts: Dict[str, str] = {}      # prompt -> the text the policy conditions on
-        self.prompt_contents: Dict[str, str] = {}   # prompt -> content as kept (MAX_PROMPT_LENGTH)
-        self.eval_samples: List[dict] = []
-        self.eval_responses: List[str] = []         # this process's last evaluation responses
-        self.stop_request = StopRequest()
-        self.files = RunFiles(cfg, self.output_dir, self.is_main, self.log_path)
-        self.warned_negative_kl = False
-        self.last_eval_metric: Optional[float] = None   # EARLY_STOPPING_METRIC's latest value
-        models = load_models(cfg, self.backend, self.checkpoint)
-        self.tokenizer, self.reward_tokenizer, self.stop_ids = (
-            models.tokenizer, models.reward_tokenizer, models.stop_ids)
-        self.model, self.optimizer, self.ref, self.reward_model = (
-            models.model, models.optimizer, models.ref, models.reward_model)
-        self.reward_max_length = reward_input_limit(self.reward_tokenizer, self.reward_model)
-        # A reward model without a chat template and with the policy's tokenizer reads the ids the
-        # policy sampled: no decode and re-encode, which may merge or split tokens differently.
-        self.reward_reads_policy_ids = (not self.reward_tokenizer.chat_template and
-                                        shares_tokenizer(self.tokenizer, self.reward_tokenizer))
-        self.reward_specials = special_tokens_around(self.reward_tokenizer)
-        self.generated_ids: Dict[Tuple[str, str], List[int]] = {}   # (prompt, response): its ids
-        if self.reward_reads_policy_ids:
-            logger.info("The reward model has the policy's tokenizer and no chat template: it "
-                        "reads the policy's own token ids of prompt and response.")
-        if saved is not None:
-            self.state = restore_checkpoint(saved, self.checkpoint, cfg, self.backend)
 
-    @property
-    def policy(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model).policy
+class ConfigError(Exception):
+    """A mistake in the user's settings or files: printed as one message, no traceback, exit 2."""
 
-    @property
-    def critic(self) -> Optional[nn.Module]:
-        return self.accelerator.unwrap_model(self.model).critic
 
-    def prepare_prompts(self, prompts: Sequence[str]) -> None:
-        """Tokenize prompts once into self.prompt_ids: the content inside the chat template (or
-        after the tokenizer's BOS), and when that is longer than MAX_PROMPT_LENGTH the content is
-        cut from the left, so BOS and the template's header survive. What the policy then sees is
-        kept for the reward model: self.prompt_texts (as rendered) and self.prompt_contents (the
-        content)."""
-        new = [p for p in dict.fromkeys(prompts) if p not in self.prompt_ids]
-        if not new:
-            return
-        tok, template = self.tokenizer, self.cfg.USE_CHAT_TEMPLATE
-        limit, too_long = self.cfg.MAX_PROMPT_LENGTH, 0
-        for prompt, (ids, text) in zip(new, encode_prompts(tok, new, template)):
-            content = prompt
-            if len(ids) > limit:
-                too_long += 1
-                content_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-                keep = len(content_ids) - (len(ids) - limit)      # the template's tokens stay
-                # re-encoding may merge differently
-                while len(ids) > limit and keep > 0:
-                    content = tok.decode(content_ids[-keep:], skip_special_tokens=True)
-                    (ids, text), keep = encode_prompts(tok, [content], template)[0], keep - 1
-                if len(ids) > limit:
-                    raise ConfigError(f"MAX_PROMPT_LENGTH = {limit} leaves no room for a prompt: "
-                                      "the chat template and special tokens alone take "
-                                      f"{len(ids)} tokens.")
-            self.prompt_ids[prompt], self.prompt_texts[prompt] = ids, text
-            self.prompt_contents[prompt] = content
-        if too_long:
-            logger.warning(f"{too_long} of {len(new)} prompts are longer than MAX_PROMPT_LENGTH = "
-                           f"{limit} tokens; their content keeps its last tokens (the chat "
-                           "template and BOS are kept whole).")
+class Config(dict):
+    """The resolved settings: a dict of the UPPER_CASE names, also readable as attributes."""
 
-    # -- the rollout: one PPO step's experience ----------------------------------------------------
-    def generation_config(self, do_sample: bool, max_new_tokens: int):
-        """Sampling from the full softmax(logits / T): every filter the model's generation_config
-        may set (top-k, top-p, min-p, typical, repetition penalties, minimum length) is
-        neutralised."""
-        from transformers import GenerationConfig
-        sampling = ({"temperature": self.cfg.TEMPERATURE, "top_k": 0, "top_p": 1.0,
-                     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-                     # min_p = 0.0 would still add a no-op warper
-                     "min_p": None if self.policy.generation_config.min_p is None else 0.0}
-                    if do_sample else {})
-        return GenerationConfig(
-            do_sample=do_sample, max_new_tokens=max_new_tokens, min_new_tokens=0, num_beams=1,
-            repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True, **sampling,
-            eos_token_id=self.stop_ids.tolist(), pad_token_id=self.tokenizer.pad_token_id,
-            bos_token_id=self.tokenizer.bos_token_id)
-
-    def generate_response(self, prompts: List[str], max_new_tokens: Optional[int] = None,
-                          do_sample: bool = True) -> Rollout:
-        """One response per prompt, in batches of BATCH_SIZE * GROUP_SIZE, each cut after its first
-        stop token."""
-        cfg, pad = self.cfg, self.tokenizer.pad_token_id
-        self.prepare_prompts(prompts)
-        config = self.generation_config(do_sample, max_new_tokens or cfg.MAX_NEW_TOKENS)
-        policy = self.policy.eval()    # eval mode: gradient checkpointing would disable the cache
-        queries = [self.prompt_ids[p] for p in prompts]
-        responses, has_eos = [], []
-        for start in range(0, len(prompts), cfg.BATCH_SIZE * cfg.GROUP_SIZE):
-            query_ids, query_mask = pad_left(queries[start:start + cfg.BATCH_SIZE * cfg.GROUP_SIZE],
-                                             pad)
-            with torch.no_grad(), self.backend.autocast():
-                out = policy.generate(input_ids=query_ids.to(self.device), generation_config=config,
-                                      attention_mask=query_mask.long().to(self.device))
-            generated = out[:, query_ids.shape[1]:].cpu()                           # (b, T)
-            lengths, has_stop = truncate_at_stop(generated, self.stop_ids)
-            responses += [row[:n].tolist() for row, n in zip(generated, lengths.tolist())]
-            has_eos += has_stop.tolist()
-        policy.train()
-        bodies = [r[:-1] if eos else r for r, eos in zip(responses, has_eos)]
-        texts = response_texts(self.tokenizer, queries, bodies)
-        self.generated_ids.update(zip(zip(prompts, texts), bodies))
-        query_ids, query_mask = pad_left(queries, pad)
-        response_ids, response_mask = pad_right(responses, pad)
-        to = self.device
-        return Rollout(list(prompts), query_ids.to(to), query_mask.to(to), response_ids.to(to),
-                       response_mask.to(to), texts, torch.tensor(has_eos, device=to))
-
-    def compute_rewards(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
-        """One score per response, shape (B,). Override to add terms (the guide's custom reward
-        section)."""
-        return self.reward_model_scores(prompts, responses)
-
-    def reward_model_score(self, prompt: str, response: str) -> torch.Tensor:
-        """The reward model's score of one response (a 0-dim tensor)."""
-        return self.reward_model_scores([prompt], [response])[0]
-
-    def compute_diversity(self, response: str) -> float:
-        """distinct-2 of the response in the policy's tokens: distinct token bigrams / bigrams, in
-        [0, 1]; 1 = no bigram repeats, near 0 = a loop ("7 7 7 7"). 0 for a response of fewer
-        than 2 tokens (nothing to measure, and no bonus for saying nothing)."""
-        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
-        bigrams = list(zip(ids, ids[1:]))
-        return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
-
-    def reward_input_ids(self, prompts: List[str], responses: List[str]) -> List[List[int]]:
-        """What the reward model reads for each pair, in its tokenizer's ids: the policy's own ids
-        of a pair that generate_response wrote, when the reward model shares the policy's tokenizer
-        and has no chat template; else its own template with prompt and response as two turns, or
-        the text the policy conditioned on followed by what it wrote."""
-        tok, rows, texts = self.reward_tokenizer, [], []
-        bos = tok.bos_token_id
-        adds_bos = bos is not None and self.reward_specials[0][:1] == [bos]
-        for p, r in zip(prompts, responses):
-            own = self.generated_ids.get((p, r)) if self.reward_reads_policy_ids else None
-            if own is not None:
-                rows.append(reward_ids_from_policy(self.prompt_ids[p], own, *self.reward_specials,
-                                                   self.reward_max_length))
-                continue
-            rows.append(None)
-            if tok.chat_template:        # its own template separates the turns
-                texts.append(tok.apply_chat_template(
-                    [{"role": "user", "content": self.prompt_contents.get(p, p)},
-                     {"role": "assistant", "content": r.lstrip()}], tokenize=False))
-            else:                        # the text the policy conditioned on, then what it wrote
-                text = self.prompt_texts.get(p, p) + r
-                # a template's BOS as text: the tokenizer adds its own
-                texts.append(text.removeprefix(tok.bos_token) if adds_bos else text)
-        encoded = iter(tok(texts, add_special_tokens=not tok.chat_template,
-                           truncation=self.reward_max_length is not None,
-                           max_length=self.reward_max_length)["input_ids"] if texts else [])
-        return [row if row is not None else next(encoded) for row in rows]
-
-    @torch.no_grad()
-    def reward_model_scores(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
-        """Batched reward-model scores (B,) of reward_input_ids, read at the last real token."""
-        rows, scores = self.reward_input_ids(prompts, responses), []
-        chunk = self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE
-        for start in range(0, len(rows), chunk):
-            ids, mask = pad_right(rows[start:start + chunk], self.reward_tokenizer.pad_token_id)
-            with self.backend.autocast():
-                scores.append(sequence_scores(self.reward_model, ids.to(self.device),
-                                              mask.long().to(self.device)))
-        return torch.cat(scores)
-
-    def reference_matches(self, prompts: List[str],
-                          responses: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(correct (B,) float, has_reference (B,) bool) under ANSWER_MATCH against the dataset's
-        outputs."""
-        refs = [self.references.get(p) for p in prompts]
-        correct = [float(r is not None and answer_matches(text, r, self.cfg.ANSWER_MATCH))
-                   for text, r in zip(responses, refs)]
-        return (torch.tensor(correct, device=self.device),
-                torch.tensor([r is not None for r in refs], device=self.device))
-
-    def rewards_of(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
-        """compute_rewards, checked: (B,) float32 (the caller has placed the reward model)."""
-        scores = self.compute_rewards(prompts, responses)
-        scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).to(self.device)
-        if len(scores) != len(responses):
-            raise TrainingError(f"compute_rewards returned {len(scores)} scores for "
-                                f"{len(responses)} responses; it must return one score per "
-                                "response.")
-        return scores
-
-    def score_rollout(self, rollout: Rollout
-                      ) -> Tuple[torch.Tensor, Optional[tuple], Dict[str, torch.Tensor]]:
-        """Steps 2-3: score = compute_rewards (+ reference reward), normalised, clipped, minus
-        MISSING_EOS_PENALTY for responses that never stopped. Returns (scores (B,), the running
-        reward moments to keep when REWARD_NORMALIZATION is on (else None), metrics)."""
-        cfg = self.cfg
-        with placed(self.reward_model, self.device, self.cfg.OFFLOAD_REF_AND_REWARD):
-            model_scores = self.rewards_of(rollout.prompts, rollout.responses)
-        correct, has_ref = self.reference_matches(rollout.prompts, rollout.responses)
-        scores = model_scores + cfg.REFERENCE_REWARD * correct
-        total, total_sq, count, n_correct, n_ref = self.backend.all_sum(torch.stack([
-            scores.sum(), (scores ** 2).sum(), torch.tensor(float(len(scores)), device=self.device),
-            correct.sum(), has_ref.sum().float()]))
-        metrics = {"objective/rm_score": model_scores.mean()}
-        if self.references:    # a per-run key: NaN in a step none of whose prompts has one
-            metrics["train/accuracy"] = n_correct / n_ref
-        moments = None
-        if cfg.REWARD_NORMALIZATION:
-            s, mean = self.state, (total / count).item()
-            var = max((total_sq / count).item() - mean ** 2, 0.0)
-            moments = merge_moments(s.reward_mean, s.reward_var, s.reward_count, mean, var,
-                                    int(count.item()))
-            scores = (scores - moments[0]) / math.sqrt(moments[1] + 1e-8)
-        if cfg.REWARD_CLIP:
-            scores = scores.clamp(-cfg.REWARD_CLIP, cfg.REWARD_CLIP)
-        scores = scores - cfg.MISSING_EOS_PENALTY * (~rollout.has_eos).float()
-        if cfg.OVERLONG_BUFFER:
-            penalty = overlong_penalty(rollout.response_mask.sum(1), cfg.MAX_NEW_TOKENS,
-                                       cfg.OVERLONG_BUFFER, cfg.OVERLONG_PENALTY)
-            scores = scores + penalty
-            metrics["objective/overlong_penalty"] = penalty.mean()
-        metrics["objective/score"] = scores.mean()
-        return scores, moments, metrics
-
-    def forward(self, rows: Rows) -> PolicyPass:
-        """The trained models over some rows, on the numeric path of the update (with gradients)."""
-        ids, attention = rows.sequences()
-        with self.backend.autocast():
-            logits, values = self.model(ids, attention, rows.response_ids.shape[1])
-        logprobs, entropy = logprobs_and_entropy(logits, rows.response_ids, self.cfg.TEMPERATURE)
-        return PolicyPass(logprobs, entropy, values)
-
-    @torch.no_grad()
-    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        """log pi_ref of every response token (B, T), the reference placed once for the whole
-        rollout."""
-        logprobs = torch.zeros(rollout.response_ids.shape, device=self.device)
-        offload = self.cfg.OFFLOAD_REF_AND_REWARD
-        with placed(self.ref, self.device, offload), self.backend.autocast():
-            for idx in torch.arange(len(rollout)).split(self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE):
-                rows = rollout.select(idx)
-                t = rows.response_ids.shape[1]
-                logits = self.ref(*rows.sequences(), t)
-                logprobs[idx, :t] = logprobs_and_entropy(logits, rows.response_ids,
-                                                         self.cfg.TEMPERATURE,
-                                                         with_entropy=False)[0]
-        return logprobs
-
-    @torch.no_grad()
-    def old_pass(self, rollout: Rollout) -> PolicyPass:
-        """log pi_old, entropy and V_old of every response token, micro-batch by micro-batch (B, T)
-        each."""
-        length = rollout.response_ids.shape[1]
-        parts = [self.forward(rollout.select(idx)) for idx in
-                 torch.arange(len(rollout)).split(self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE)]
-        return PolicyPass(*(None if pieces[0] is None else torch.cat(
-            [nn.functional.pad(p.float(), (0, length - p.shape[1])) for p in pieces])
-            for pieces in zip(*parts)))
-
-    def make_experience(self, prompts: List[str], schedule=None, timer: Optional[Timer] = None
-                        ) -> Tuple[Experience, Optional[PolicyPass], Optional[tuple],
-                                   Dict[str, torch.Tensor]]:
-        """The rollout recipe for this process's prompts, GROUP_SIZE responses each: 1-3 here, 4-6
-        in experience_of. Returns the complete experience, the update's first forward when the
-        minibatch schedule lets it stand for the old pass (else None: always without a schedule),
-        the reward moments to keep, and the rollout's metrics."""
-        check = lambda: self.stop_request.check(self.backend)      # noqa: E731
-        timer = timer if timer is not None else Timer(self.device)
-        self.generated_ids = {}
-        with timer("generate"):            # 1. sample, cut each response after its first stop token
-            rollout = self.generate_response([p for p in prompts
-                                              for _ in range(self.cfg.GROUP_SIZE)])
-        check()
-        with timer("score"):               # 2-3. score, reference reward, missing-EOS penalty
-            scores, moments, metrics = self.score_rollout(rollout)
-        check()
-        with timer("forward"):
-            experience, first_pass, pass_metrics = self.experience_of(rollout, scores, schedule)
-        return experience, first_pass, moments, {**metrics, **pass_metrics}
-
-    def experience_of(self, rollout: Rollout, scores: torch.Tensor, schedule=None
-                      ) -> Tuple[Experience, Optional[PolicyPass], Dict[str, torch.Tensor]]:
-        """Steps 4-6 of the recipe on a scored rollout: (experience, first pass or None,
-        metrics)."""
-        cfg, mask = self.cfg, rollout.response_mask
-        beta = 0.0 if cfg.KL_IN_LOSS else self.state.kl_coef        # KL_IN_LOSS: not in the reward
-        ref_logprobs = self.reference_logprobs(rollout)                         # 4. log pi_ref
-        if schedule is not None and reuses_first_pass(schedule, len(rollout)):  # 4. pi_old, V_old
-            order = schedule[0][0][0]                       # the first micro-batch, in its order
-            first_pass = self.forward(rollout.select(order))
-            old = first_pass.detached_rows(torch.argsort(order))
-        else:
-            first_pass, old = None, self.old_pass(rollout)
-        advantages, returns, kl, unwhitened = compute_advantages(               # 5-6.
-            scores, old.logprobs, ref_logprobs, old.values, mask, beta, cfg, self.backend.mean_var)
-        trained = torch.ones(len(rollout), dtype=torch.bool, device=mask.device)
-        if cfg.DYNAMIC_SAMPLING:
-            trained = ~uninformative_groups(scores, cfg.GROUP_SIZE)
-        experience = Experience(rollout.query_ids, rollout.query_mask, rollout.response_ids, mask,
-                                rollout.has_eos, scores, old.logprobs, ref_logprobs, old.values,
-                                advantages, returns, trained)
-        non_score_reward = -beta * masked_sum(kl, mask, 1)                                  # (B,)
-        metrics = {"objective/kl": masked_sum(kl, mask, 1).mean(),
-                   "objective/kl_coef": torch.tensor(beta),
-                   "objective/entropy": masked_mean(old.entropy, mask),
-                   "objective/non_score_reward": non_score_reward.mean(),
-                   "objective/rlhf_reward": (scores + non_score_reward).mean(),
-                   "ppo/advantages_mean": masked_mean(unwhitened, mask),
-                   "response/length": mask.sum(1).float().mean(),
-                   "response/eos_rate": rollout.has_eos.float().mean()}
-        if cfg.DYNAMIC_SAMPLING:
-            metrics["ppo/trained_fraction"] = trained.float().mean()
-        if old.values is not None:
-            metrics.update({
-                "ppo/returns_mean": masked_mean(returns, mask),
-                "ppo/val/mean": masked_mean(old.values, mask),
-                "ppo/val/explained_variance": explained_variance(old.values, returns, mask)})
-        return experience, first_pass, metrics
-
-    # -- the update --------------------------------------------------------------------------------
-    def optimizer_step(self) -> Tuple[torch.Tensor, bool]:
-        """Clip, then step at the scheduled learning rates, or skip a step with a NaN / inf gradient
-        (weights, optimizer state and lr schedule untouched). Returns (gradient norms, stepped)."""
-        norms, stepped, note = self.backend.step(learning_rates(self.state, self.plan, self.cfg))
-        self.state.optimizer_steps += stepped
-        if not stepped:
-            logger.warning(f"step {self.state.global_step + 1}: {note}.")
-        return norms, stepped
-
-    def minibatch_update(self, experience: Experience, micro_batches: List[torch.Tensor],
-                         first_pass: Optional[PolicyPass] = None) -> Dict[str, torch.Tensor]:
-        """Forward and backward over one minibatch; every loss term is a sum over rows divided by
-        its count over the whole minibatch on all processes (loss_counts), so the gradient does not
-        depend on how it is split. Returns ppo_loss's statistics summed over the minibatch, or
-        None when DYNAMIC_SAMPLING left no row of it to train on any process."""
-        batches = [experience.select(idx) for idx in micro_batches]
-        counts = self.backend.all_sum(sum(loss_counts(batch, self.cfg) for batch in batches))
-        if counts[0] == 0:
-            return None
-        counts = counts / self.backend.world               # DDP averages gradients over processes
-        totals: Dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(batches):
-            last = i == len(micro_batches) - 1
-            with self.backend.micro_batch(last):
-                current = first_pass if first_pass is not None else self.forward(batch)
-                loss, sums = ppo_loss(*current, batch, self.cfg, counts)
-                self.backend.backward(loss, last)
-            first_pass = None
-            totals = {k: totals.get(k, 0) + v for k, v in sums.items()}
-        return totals
-
-    def ppo_update(self, experience: Experience, schedule=None,
-                   first_pass: Optional[PolicyPass] = None) -> Dict[str, torch.Tensor]:
-        """GROUP_EPOCHES shuffled passes over the experience, an optimizer step per minibatch (none
-        for a minibatch with nothing to train: a stale Adam momentum would move the weights); with
-        TARGET_KL, the remaining passes are dropped once the approximate KL of a pass exceeds it."""
-        cfg = self.cfg
-        schedule = schedule or minibatch_schedule(len(experience), self.state.global_step, cfg)
-        totals: Dict[str, torch.Tensor] = {}
-        norms, skipped, empty, epochs_done = [], 0, 0, 0
-        for minibatches in schedule:
-            epoch: Dict[str, torch.Tensor] = {}
-            for micro_batches in minibatches:
-                sums = self.minibatch_update(experience, micro_batches, first_pass)
-                first_pass = None
-                if sums is None:
-                    norms.append(torch.full((2,), math.nan, device=self.device))
-                    skipped, empty = skipped + 1, empty + 1
-                    continue
-                epoch = {k: epoch.get(k, 0) + v for k, v in sums.items()}
-                step_norms, stepped = self.optimizer_step()
-                norms.append(step_norms)
-                skipped += not stepped
-            totals = {k: totals.get(k, 0) + v for k, v in epoch.items()}
-            epochs_done += 1
-            if cfg.TARGET_KL:
-                kl, tokens = self.backend.all_sum(torch.stack([epoch["approx_kl"],
-                                                               epoch["tokens"]]))
-                if kl / tokens > cfg.TARGET_KL:
-                    break
-        return update_metrics(totals, torch.stack(norms), epochs_done, skipped,
-                              empty if cfg.DYNAMIC_SAMPLING else None)
-
-    def train_step(self, prompts: List[str]) -> Dict[str, float]:
-        """One PPO step on this process's prompts: the experience, then the update. Returns its
-        metrics, averaged over processes: the same keys in every step of a run."""
-        cfg, timer, start = self.cfg, Timer(self.device), time.perf_counter()
-        schedule = minibatch_schedule(len(prompts) * cfg.GROUP_SIZE, self.state.global_step, cfg)
-        experience, first_pass, moments, metrics = self.make_experience(prompts, schedule, timer)
-        finite = torch.isfinite(torch.stack([t.sum() for t in experience.tensors()])).all()
-        self.stop_request.check(self.backend)
-        nonfinite, trained = self.backend.all_sum(torch.stack([(~finite).float(),
-                                                               experience.trained.sum().float()]))
-        with timer("update"):
-            if nonfinite == 0 and trained > 0:
-                metrics.update(self.ppo_update(experience, schedule, first_pass))
-            else:
-                if nonfinite:
-                    logger.warning(f"step {self.state.global_step + 1}: NaN / inf in the scores or "
-                                   "advantages (reward model or compute_rewards); the update is "
-                                   "skipped.")
-                else:
-                    logger.info(f"step {self.state.global_step + 1}: the responses of every group "
-                                "scored the same (DYNAMIC_SAMPLING): nothing to learn, no update.")
-                metrics.update(skipped_update_metrics(optimizer_steps_per_update(schedule),
-                                                      experience.values is not None, cfg,
-                                                      nothing_to_learn=bool(nonfinite == 0)))
-        metrics = self.backend.mean_metrics(metrics)
-        self.commit_step(metrics, moments, len(experience) * self.backend.world)
-        timer["step"] = time.perf_counter() - start
-        generated = self.backend.all_sum(experience.response_mask.sum().float()).item()
-        metrics.update({f"time/{name}": seconds for name, seconds in timer.items()})
-        metrics["throughput/tokens_per_second"] = generated / timer["step"]
-        metrics.update({f"lr/{name}": group["lr"]
-                        for name, group in zip(("policy", "critic"), self.optimizer.param_groups)})
-        return metrics
-
-    def commit_step(self, metrics: Dict[str, float], moments: Optional[tuple],
-                    n_responses: int) -> None:
-        """What a completed step changes in the run state besides the optimizer: reward moments,
-        the NaN skip counters (an optimizer step with nothing to train is not one), the adaptive
-        KL coefficient."""
-        cfg, s = self.cfg, self.state
-        if moments is not None:
-            s.reward_mean, s.reward_var, s.reward_count = moments
-        skipped = (metrics["ppo/skipped_optimizer_steps"] -
-                   metrics.get("ppo/empty_minibatches", 0)) > 0
-        s.skipped_steps += skipped
-        s.consecutive_skips = s.consecutive_skips + 1 if skipped else 0
-        if s.consecutive_skips >= cfg.MAX_CONSECUTIVE_SKIPS:
-            raise TrainingError(
-                f"{s.consecutive_skips} steps in a row hit a NaN / inf (MAX_CONSECUTIVE_SKIPS = "
-                f"{cfg.MAX_CONSECUTIVE_SKIPS}); stopping. The last checkpoint is intact. Try a "
-                "lower LEARNING_RATE, MAX_GRAD_NORM = 0.5, or check the reward model's scores.")
-        kl = metrics["objective/kl"]
-        if not math.isfinite(kl):
-            return
-        if cfg.ADAPTIVE_KL:
-            s.kl_coef = adaptive_kl_coef(s.kl_coef, kl, n_responses, cfg.ADAPTIVE_KL_TARGET,
-                                         cfg.ADAPTIVE_KL_HORIZON)
-        if kl < -0.1 and cfg.KL_ESTIMATOR == "k1" and not self.warned_negative_kl:
-            self.warned_negative_kl = True
-            logger.warning(f"Mean KL is negative ({kl:.3f}): responses are not sampled from "
-                           "the policy itself (filtered sampling, a changed generate, or a "
-                           "temperature mismatch).")
-
-    # -- evaluation --------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, eval_prompts: List[str]) -> Dict[str, float]:
-        """Generate for this process's share of eval_prompts (greedy unless EVAL_GREEDY is False)
-        and measure, over all processes: mean reward-model score, accuracy against references,
-        response length, EOS rate. Override to add metrics: eval_metrics["custom_metric"] = ...;
-        logged as eval/<name>; self.eval_responses holds the responses (this process's share)."""
-        prompts, real = shard(eval_prompts, self.backend.rank, self.backend.world)
-        self.generated_ids = {}
-        starts = range(0, len(prompts), self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE)
-        generations = [self.generate_response(prompts[s:s +
-                                                      self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE],
-                                              do_sample=not self.cfg.EVAL_GREEDY) for s in starts]
-        # placed once for the whole evaluation
-        with placed(self.reward_model, self.device, self.cfg.OFFLOAD_REF_AND_REWARD):
-            rewards = [self.rewards_of(g.prompts, g.responses) for g in generations]
-        sums = torch.zeros(6, device=self.device)    # reward, length, eos, correct, has_ref, count
-        for start, generation, reward in zip(starts, generations, rewards):
-            counted = (torch.arange(start, start + len(reward), device=self.device) < real).float()
-            correct, has_ref = self.reference_matches(generation.prompts, generation.responses)
-            rows = torch.stack([reward, generation.response_mask.sum(1).float(),
-                                generation.has_eos.float(), correct, has_ref.float(),
-                                torch.ones_like(reward)])
-            sums += (rows * counted).sum(1)
-        self.eval_responses = [r for g in generations for r in g.responses][:real]
-        self.eval_samples = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in
-                             zip(prompts[:real], generations[0].responses, rewards[0])
-                             ][:self.cfg.NUM_SAMPLES_TO_LOG]
-        reward, length, eos, correct, has_ref, count = self.backend.all_sum(sums).tolist()
-        metrics = {"reward": reward / count, "response_length": length / count,
-                   "eos_rate": eos / count}
-        if has_ref:
-            metrics["accuracy"] = correct / has_ref
-        return metrics
-
-    def run_evaluation(self, eval_prompts: List[str]) -> Dict[str, float]:
-        """evaluate(), averaged over processes, keys prefixed with eval/, samples logged."""
-        start = time.perf_counter()
-        self.eval_samples = []
-        metrics = self.evaluate(eval_prompts)
-        metrics = self.backend.mean_metrics({k if k.startswith("eval/") else f"eval/{k}": v
-                                             for k, v in metrics.items()})
-        self.state.last_eval_step = self.state.global_step
-        summary = " ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items())
-        metrics["time/eval"] = time.perf_counter() - start
-        logger.info(f"eval at step {self.state.global_step}: {summary}")
-        for sample in self.eval_samples:
-            logger.info(f"  prompt: {sample['prompt']!r}\n  response: {sample['response']!r}\n"
-                        f"  reward: {sample['reward']:.3f}")
-        self.files.samples(self.state.global_step, self.eval_samples)
-        return metrics
-
-    # -- the training loop -------------------------------------------------------------------------
-    def train(self, train_prompts: Optional[List[str]] = None,
-              eval_prompts: Optional[List[str]] = None) -> str:
-        """Train until NUM_EPOCHES, MAX_STEPS or early stopping; without prompts, on TRAIN_DATASETS
-        and EVAL_DATASETS. Returns why it stopped."""
-        if train_prompts is None:
-            train_prompts, eval_prompts, references = load_data(self.cfg)
-            self.references.update(references)
-        eval_prompts = list(eval_prompts or [])
-        if self.checkpoint is None and holds_run(self.output_dir):
-            raise ConfigError(f"OUTPUT_DIR = {str(self.output_dir)!r} already holds a run "
-                              "(checkpoints or logs/metrics.jsonl). Resume it (RESUME = 'yes', or "
-                              "resume_from_checkpoint=...), or choose another OUTPUT_DIR; nothing "
-                              "there is overwritten.")
-        if eval_metric_in_use(self.cfg) and not eval_prompts:
-            raise ConfigError(f"EARLY_STOPPING_METRIC = {self.cfg.EARLY_STOPPING_METRIC!r} drives "
-                              "early stopping or the plateau schedule, but EVAL_DATASETS is empty: "
-                              "add an evaluation set, or set EARLY_STOPPING_PATIENCE = 0.")
-        self.prepare_prompts(list(train_prompts) + eval_prompts)
-        self.plan = make_plan(len(train_prompts), self.cfg, self.backend.world)
-        self.files.open(self.state.global_step if self.checkpoint else None)
+    def __getattr__(self, name):
         try:
-            with self.stop_request:
-                if self.state.global_step == 0 and self.state.last_eval_step < 0 and eval_prompts:
-                    metrics = self.run_evaluation(eval_prompts)
-                    error = missing_eval_metric(self.cfg, metrics)
-                    if error:
-                        raise error
-                    self.log_row(metrics)
-                reason = self.train_loop(train_prompts, eval_prompts)
-        except StepDropped:
-            reason = "interrupted"
-        if (self.state.global_step > 0 and
-                not checkpoint_path(self.output_dir, self.state.global_step).exists()):
-            self.save_checkpoint()
-        self.files.close()
-        if reason == "interrupted":
-            raise TrainingInterrupted(self.stop_request.signum,
-                                      checkpoint_path(self.output_dir, self.state.global_step))
-        logger.info(f"Training finished ({reason}) at step {self.state.global_step}. "
-                    f"Outputs: {self.output_dir}")
-        s = self.state
-        if s.best_step >= 0:
-            final = ("" if self.last_eval_metric is None else
-                     f"; the final policy (step {s.global_step}) has {self.last_eval_metric:.4g}")
-            logger.info(f"Best policy: {self.cfg.EARLY_STOPPING_METRIC} = {s.best_metric:.4g} at "
-                        f"step {s.best_step}, in {self.output_dir / 'best'}{final}")
-        return reason
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
-    def train_loop(self, train_prompts: List[str], eval_prompts: List[str]) -> str:
-        cfg, plan, backend = self.cfg, self.plan, self.backend
-        for epoch in range(self.state.epoch, cfg.NUM_EPOCHES):
-            self.state.epoch = epoch
-            order = epoch_order(len(train_prompts), cfg.SEED, epoch)
-            with tqdm(total=plan.steps_per_epoch,
-                      initial=math.ceil(self.state.position / plan.prompts_per_step),
-                      desc=f"Epoch {epoch + 1}/{cfg.NUM_EPOCHES}", disable=not self.is_main,
-                      dynamic_ncols=True, bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} "
-                                                     "[{elapsed}<{remaining}]") as bar:
-                while self.state.position < len(train_prompts):
-                    if self.state.global_step >= plan.total_steps:
-                        return "max_steps"
-                    batch = step_prompt_indices(order, self.state.position, plan.prompts_per_step)
-                    rng = rng_state()
-                    try:
-                        metrics = self.train_step([train_prompts[i]
-                                                   for i in batch[backend.rank::backend.world]])
-                    except StepDropped:                  # undo what the dropped step drew
-                        set_rng_state(rng)
-                        raise
-                    self.state.position = min(self.state.position + plan.prompts_per_step,
-                                              len(train_prompts))
-                    self.state.global_step += 1
-                    bar.update(1)
-                    reason = self.after_step(metrics, eval_prompts, bar)
-                    if reason:
-                        return reason
-            self.state.epoch, self.state.position = epoch + 1, 0
-        return "completed"
 
-    def after_step(self, metrics: Dict[str, float], eval_prompts: List[str], bar) -> Optional[str]:
-        """Evaluate, log, save, and decide whether to stop, after PPO step global_step."""
-        cfg, step = self.cfg, self.state.global_step
-        stop, error = False, None
-        if eval_prompts and self.stop_request.signum is None and (
-                step >= self.plan.total_steps or
-                (cfg.EVAL_EVERY_N_STEPS and step % cfg.EVAL_EVERY_N_STEPS == 0)):
-            eval_metrics = self.run_evaluation(eval_prompts)
-            metrics.update(eval_metrics)
-            error = missing_eval_metric(cfg, eval_metrics)
-            if cfg.EARLY_STOPPING_METRIC in eval_metrics:
-                self.state, improved, stop = track_eval(
-                    self.state, eval_metrics[cfg.EARLY_STOPPING_METRIC], cfg)
-                self.last_eval_metric = eval_metrics[cfg.EARLY_STOPPING_METRIC]
-                if improved:
-                    self.save_policy(self.output_dir / "best")
-        self.log_row(metrics)
-        bar.set_description_str(f"Epoch {self.state.epoch + 1}/{cfg.NUM_EPOCHES}: "
-                                f"{progress_postfix(metrics)}")
-        if (cfg.SAVE_EVERY_N_STEPS and step % cfg.SAVE_EVERY_N_STEPS == 0) or stop or error:
-            self.save_checkpoint()
-        if error:
-            raise error
-        if stop:
-            logger.info(f"Early stopping: {cfg.EARLY_STOPPING_METRIC} has not improved for "
-                        f"{self.state.evals_without_improvement} evaluations; "
-                        f"best {self.state.best_metric:.4g} at step {self.state.best_step} "
-                        f"(policy in {self.output_dir / 'best'})")
-            return "early_stopping"
-        return "interrupted" if self.stop_request.signum is not None else None
+def default_config() -> Config:
+    """The constants of section 2 as they are now (a test or an edited file may have changed
+    them)."""
+    return Config({name: copy.deepcopy(globals()[name]) for name in CONFIG_KEYS})
 
-    def log_row(self, metrics: Dict[str, float]) -> None:
-        s = self.state
-        epoch = s.epoch + (s.position / self.plan.prompts if self.plan else 0.0)
-        self.files.log({"step": s.global_step, "epoch": epoch, **metrics}, s.global_step)
 
-    # -- checkpoints -------------------------------------------------------------------------------
-    def save_policy(self, folder: Path) -> None:
-        """Policy and tokenizer in Hugging Face format, written atomically (used for best/)."""
-        if self.is_main:
-            write_atomically(folder, lambda tmp: write_policy(self.policy, self.tokenizer, tmp,
-                                                              tmp / "adapter", self.cfg))
-        self.backend.wait()
+def first_line(error: BaseException) -> str:
+    """`TypeName: first line of the message` (some exceptions carry no message at all)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
-    def save_checkpoint(self) -> Path:
-        """OUTPUT_DIR/checkpoints/step_N/{policy/, critic/, training_state.pt, config.json},
-        complete or absent."""
-        path = checkpoint_path(self.output_dir, self.state.global_step)
-        write_checkpoint(path, self.state, self.backend, self.cfg, self.policy, self.critic,
-                         self.tokenizer)
-        if self.is_main:
-            rotate_checkpoints(self.output_dir / "checkpoints", self.cfg.SAVE_TOTAL_LIMIT,
-                               keep=self.state.best_step if self.state.best_step >= 0 else None)
-        self.backend.wait()
-        return path
+
+def unknown_name_error(name: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(name.upper(), CONFIG_KEYS, n=1, cutoff=0.5)
+    hint = (f" Did you mean {close[0]}?" if close
+            else " The settings are the UPPER_CASE constants of ppo.py.")
+    return ConfigError(f"Unknown setting {name!r} in {where}.{hint}")
+
+
+def coerce_setting(name: str, value, where: str):
+    """Check `value` against the type of the constant; an int may stand for a float."""
+    default = globals()[name]
+    if value is None or default is None:
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, type(default)) and (isinstance(value, bool) == isinstance(default, bool)):
+        return value
+    raise ConfigError(f"{name} in {where} must be a {type(default).__name__} like {default!r}, "
+                      f"got {value!r} ({type(value).__name__}).")
+
+
+def parse_flag_value(text: str):
+    """`--NAME=value`: JSON (numbers, true/false/null, lists, objects), Python's True/False/None,
+    else a string."""
+    literal = {"True": True, "False": False, "None": None}
+    if text in literal:
+        return literal[text]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def read_config_file(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"Config file {path} does not exist.")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}, line {e.lineno}, column {e.colno}: "
+                          f"invalid JSON ({e.msg}).") from None
+    except Exception as e:  # yaml.YAMLError carries its own line and column in the message
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold one object of NAME: value pairs.")
+    return data
+
+
+def make_config(overrides: Optional[dict] = None, where: str = "PPOTrainer(...)",
+                base=None) -> Config:
+    cfg = default_config() if base is None else Config(base)
+    for name, value in (overrides or {}).items():
+        if name not in CONFIG_KEYS:
+            raise unknown_name_error(name, where)
+        cfg[name] = coerce_setting(name, value, where)
+    return cfg
+
+
+def parse_args(argv: Sequence[str]) -> Config:
+    """Turn `[run.json|run.yaml] [--NAME=value ...]` into settings; flags win over the file."""
+    cfg = default_config()
+    for arg in argv:
+        if arg.startswith("--"):
+            name, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"Flag {arg!r} needs a value: --{name}=VALUE.")
+            cfg = make_config({name: parse_flag_value(text)}, f"flag {arg}", cfg)
+        else:
+            cfg = make_config(read_config_file(arg), arg, cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    """Check ranges and consistency once, before any model is loaded."""
+    problems = []
+    for name, choices in CHOICES.items():
+        if cfg[name] not in choices:
+            problems.append(f"{name} = {cfg[name]!r} must be one of "
+                            f"{', '.join(map(repr, choices))}.")
+    positive = ("BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "NUM_MINI_BATCHES", "GROUP_SIZE",
+                "NUM_EPOCHES", "GROUP_EPOCHES", "MAX_NEW_TOKENS", "MAX_PROMPT_LENGTH",
+                "LEARNING_RATE", "CRITIC_LEARNING_RATE", "TEMPERATURE", "CLIP_RANGE",
+                "CLIP_RANGE_VALUE", "MAX_GRAD_NORM", "MAX_CONSECUTIVE_SKIPS")
+    problems += [f"{n} = {cfg[n]!r} must be > 0." for n in positive if not cfg[n] > 0]
+    non_negative = ("MAX_STEPS", "MAX_TRAIN_SAMPLES", "MAX_EVAL_SAMPLES", "WEIGHT_DECAY",
+                    "WARMUP_STEPS", "VALUE_LOSS_COEF", "ENTROPY_COEF", "KL_COEF",
+                    "MISSING_EOS_PENALTY", "REWARD_CLIP", "TARGET_KL", "EVAL_EVERY_N_STEPS",
+                    "SAVE_EVERY_N_STEPS", "SAVE_TOTAL_LIMIT", "EARLY_STOPPING_PATIENCE",
+                    "NUM_SAMPLES_TO_LOG", "ADAPTIVE_KL_HORIZON")
+    problems += [f"{n} = {cfg[n]!r} must be >= 0." for n in non_negative if not cfg[n] >= 0]
+    problems += [f"{n} = {cfg[n]!r} must be in [0, 1]." for n in ("GAMMA", "LAM")
+                 if not 0 <= cfg[n] <= 1]
+    if not 0 < cfg.PLATEAU_FACTOR < 1:
+        problems.append(f"PLATEAU_FACTOR = {cfg.PLATEAU_FACTOR!r} must be in (0, 1).")
+    for name in ("TRAIN_DATASETS", "EVAL_DATASETS"):
+        if not isinstance(cfg[name], list) or not all(isinstance(s, dict) for s in cfg[name]):
+            problems.append(f'{name} must be a list of '
+                            '{"path", "type", "input", "output"} objects.')
+    if cfg.ADVANTAGE_ESTIMATOR in GROUP_ESTIMATORS and cfg.GROUP_SIZE < 2:
+        problems.append(f"ADVANTAGE_ESTIMATOR = {cfg.ADVANTAGE_ESTIMATOR!r} compares the responses "
+                        "to one prompt: set GROUP_SIZE >= 2 (4 to 16 is usual).")
+    problems += policy_loss_problems(cfg)
+    if cfg.USE_LORA and cfg.LORA_R < 1:
+        problems.append(f"LORA_R = {cfg.LORA_R} must be >= 1.")
+    if not cfg.TRAIN_DATASETS:
+        problems.append("TRAIN_DATASETS is empty: give at least one dataset of prompts.")
+    if (not isinstance(cfg.STOP_TOKENS, list) or
+            not all(isinstance(t, str) for t in cfg.STOP_TOKENS)):
+        problems.append('STOP_TOKENS must be a list of token strings, e.g. ["<|im_end|>"].')
+    if problems:
+        raise ConfigError("Invalid settings:\n  " + "\n  ".join(problems))
+
+
+def policy_loss_problems(cfg: Config) -> List[str]:
+    """The settings of the policy-gradient variants that cannot work together."""
+    problems = []
+    for name in ("CLIP_RANGE_LOW", "CLIP_RANGE_HIGH"):
+        value = cfg[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not value > 0):
+            problems.append(f"{name} = {value!r} must be a number > 0, or None for CLIP_RANGE.")
+    if cfg.DUAL_CLIP != 0 and not cfg.DUAL_CLIP > 1:
+        problems.append(f"DUAL_CLIP = {cfg.DUAL_CLIP!r} must be > 1 (3.0 is usual), or 0 for off.")
+    if cfg.POLICY_LOSS == "gspo":
+        if cfg.ADVANTAGE_ESTIMATOR not in GROUP_ESTIMATORS:
+            problems.append("POLICY_LOSS = 'gspo' weighs whole sequences by one ratio, so it "
+                            f"needs one advantage per sequence: ADVANTAGE_ESTIMATOR = "
+                            f"{cfg.ADVANTAGE_ESTIMATOR!r} gives one per token; use 'grpo', "
+                            "'dr_grpo' or 'rloo'.")
+        if cfg.LOSS_AGGREGATION != "seq-mean-token-mean":
+            problems.append(f"POLICY_LOSS = 'gspo' is defined as a mean over sequences of the "
+                            f"sequence ratio: set LOSS_AGGREGATION = 'seq-mean-token-mean' (now "
+                            f"{cfg.LOSS_AGGREGATION!r}).")
+    if cfg.POLICY_LOSS == "cispo" and cfg.DUAL_CLIP:
+        problems.append("DUAL_CLIP bounds PPO's clipped surrogate; POLICY_LOSS = 'cispo' has none "
+                        "(its weight is already clipped): set DUAL_CLIP = 0.")
+    if cfg.KL_IN_LOSS and cfg.ADAPTIVE_KL:
+        problems.append("ADAPTIVE_KL steers the reward's KL coefficient, and KL_IN_LOSS takes the "
+                        "KL out of the reward: turn one of them off.")
+    if not cfg.KL_LOSS_COEF >= 0:
+        problems.append(f"KL_LOSS_COEF = {cfg.KL_LOSS_COEF!r} must be >= 0.")
+    if cfg.DYNAMIC_SAMPLING and cfg.ADVANTAGE_ESTIMATOR not in GROUP_ESTIMATORS:
+        problems.append(f"DYNAMIC_SAMPLING drops groups whose responses all scored the same, which "
+                        "carry no signal only for a group baseline: ADVANTAGE_ESTIMATOR = "
+                        f"{cfg.ADVANTAGE_ESTIMATOR!r}; use 'grpo', 'dr_grpo' or 'rloo'.")
+    if cfg.DYNAMIC_SAMPLING and cfg.KL_COEF and not cfg.KL_IN_LOSS:
+        problems.append("DYNAMIC_SAMPLING drops groups whose scores are all equal, but with the "
+                        f"KL in the reward (KL_COEF = {cfg.KL_COEF}) their advantages are not "
+                        "zero: set KL_COEF = 0 (DAPO has no KL) or KL_IN_LOSS = True.")
+    if not 0 <= cfg.OVERLONG_BUFFER <= cfg.MAX_NEW_TOKENS:
+        problems.append(f"OVERLONG_BUFFER = {cfg.OVERLONG_BUFFER!r} must be in [0, MAX_NEW_TOKENS "
+                        f"= {cfg.MAX_NEW_TOKENS}].")
+    if not cfg.OVERLONG_PENALTY >= 0:
+        problems.append(f"OVERLONG_PENALTY = {cfg.OVERLONG_PENALTY!r} must be >= 0.")
+    return problems
+
+
+def describe_objective(cfg: Config) -> str:
+    """One log line: the estimator, the policy loss and its clip, the aggregation, the KL."""
+    low, high = clip_ranges(cfg)
+    parts = [f"advantages {cfg.ADVANTAGE_ESTIMATOR}", f"policy loss {cfg.POLICY_LOSS}, ratio "
+             f"clipped to [{1 - low:g}, {1 + high:g}]", f"{cfg.LOSS_AGGREGATION} aggregation"]
+    if cfg.DUAL_CLIP:
+        parts.append(f"dual clip {cfg.DUAL_CLIP:g}")
+    parts.append(f"KL ({cfg.KL_ESTIMATOR}) in the loss x {cfg.KL_LOSS_COEF:g}" if cfg.KL_IN_LOSS
+                 else f"KL ({cfg.KL_ESTIMATOR}) in the reward x {cfg.KL_COEF:g}"
+                 + (" (adaptive)" if cfg.ADAPTIVE_KL else ""))
+    if cfg.DYNAMIC_SAMPLING:
+        parts.append("dynamic sampling")
+    if cfg.OVERLONG_BUFFER:
+        parts.append(f"overlong penalty up to {cfg.OVERLONG_PENALTY:g} over the last "
+                     f"{cfg.OVERLONG_BUFFER} tokens")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
-# 11. Checkpoints and run files: atomic writes, discovery, rotation, loading without running code
+# 10. Data: prompt datasets in the guide's format, read with the `datasets` library
+# ---------------------------------------------------------------------------------------------
+def resolve_path(path: str) -> str:
+    """A relative path is looked up in the working directory, then next to ppo.py; else kept (a hub
+    id)."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return str(candidate)
+    beside = Path(__file__).resolve().parent / candidate
+    return str(beside) if beside.exists() else path
+
+
+def jsonl_line_of_row(path: str, row: int) -> int:
+    """1-based line number of the row-th (0-based) non-blank line of a JSONL file."""
+    with open(path, encoding="utf-8") as f:
+        seen = -1
+        for number, line in enumerate(f, 1):
+            seen += bool(line.strip())
+            if seen == row:
+                return number
+    return row + 1
+
+
+def read_jsonl_rows(path: str, where: str) -> List[dict]:
+    """JSONL read line by line: the fallback when `datasets` cannot read a file, and the way to say
+    exactly which line is wrong (1-based line and column)."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{where}: {path}, line {number}, column {e.colno}: invalid JSON "
+                                  f"({e.msg}). Each line must be one JSON object.") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f'{where}: {path}, line {number}: expected a JSON object like '
+                                  f'{{"problem": ..., "solution": ...}}, got {type(row).__name__}.')
+            rows.append(row)
+    return rows
+
+
+def read_dataset(spec: dict, where: str) -> Tuple[str, Dict[str, list]]:
+    """One {"path", "type", "input", "output"} entry -> (resolved path, {column: values}) for the
+    columns the spec names, read with `datasets` (JSONL it cannot read is read line by line, to
+    point at the bad line)."""
+    import datasets
+    if not isinstance(spec, dict) or not {"path", "type", "input"} <= set(spec):
+        raise ConfigError(f'{where} must be like {{"path": "data.jsonl", "type": "jsonl", '
+                          f'"input": "problem", "output": "solution"}} ("output" optional); '
+                          f'got {spec!r}.')
+    extra = set(spec) - {"path", "type", "input", "output"}
+    if extra:
+        raise ConfigError(f"{where} has unknown key(s) {sorted(extra)}; "
+                          "allowed: path, type, input, output.")
+    path, kind = resolve_path(str(spec["path"])), spec["type"]
+    if kind not in ("jsonl", "parquet"):
+        raise ConfigError(f'{where}: type {kind!r} is not supported; use "jsonl" or "parquet".')
+    if not Path(path).is_file():
+        raise ConfigError(f"{where}: dataset file {spec['path']} not found "
+                          f"(working directory: {os.getcwd()}).")
+    datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    # a bad file gets our message, not theirs too
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        dataset = (datasets.Dataset.from_json if kind == "jsonl"
+                   else datasets.Dataset.from_parquet)(path)
+        names, column = dataset.column_names, dataset.__getitem__
+    except Exception as e:
+        if kind == "parquet":
+            if parquet_rows(path) == 0:
+                raise ConfigError(f"{where}: {path} has no usable rows.") from None
+            raise ConfigError(f"{where}: {path} is not a readable Parquet file "
+                              f"({first_line(e)}).") from None
+        rows = read_jsonl_rows(path, where)
+        if not rows:
+            raise ConfigError(
+                f"{where}: {path} "
+                f"{'is empty' if not os.path.getsize(path) else 'has only blank lines'}"
+                "; it has no usable rows.") from None
+        names = list(dict.fromkeys(k for row in rows for k in row))
+        column = lambda name: [row.get(name) for row in rows]  # noqa: E731
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+    for role in ("input", "output"):
+        if spec.get(role) is not None and spec[role] not in names:
+            raise ConfigError(f"{where}: column {spec[role]!r} (\"{role}\") is not in {path}; "
+                              f"its columns are {names}.")
+    return path, {spec[r]: column(spec[r]) for r in ("input", "output") if spec.get(r) is not None}
+
+
+def parquet_rows(path: str) -> Optional[int]:
+    import pyarrow.parquet as pq
+    try:
+        return pq.read_metadata(path).num_rows
+    except Exception:
+        return None
+
+
+def load_prompts(specs: List[dict], limit: int, name: str) -> Tuple[List[str], Dict[str, str]]:
+    """All datasets of TRAIN_DATASETS or EVAL_DATASETS, concatenated: (prompts, {prompt:
+    reference})."""
+    prompts, references = [], {}
+    for i, spec in enumerate(specs):
+        where = f"{name}[{i}]"
+        path, columns = read_dataset(spec, where)
+        inputs = columns[spec["input"]]
+        outputs = columns[spec["output"]] if spec.get("output") else [None] * len(inputs)
+        if not inputs:
+            raise ConfigError(f"{where}: {path} has no usable rows.")
+        for row, (prompt, reference) in enumerate(zip(inputs, outputs)):
+            if not isinstance(prompt, str) or not prompt.strip():
+                place = (f"line {jsonl_line_of_row(path, row)}" if spec["type"] == "jsonl"
+                         else f"row {row + 1}")
+                raise ConfigError(f"{where}: {path}, {place}: the prompt column {spec['input']!r} "
+                                  f"holds {prompt!r}; every prompt must be a non-empty string.")
+            prompts.append(prompt)
+            if reference is not None:
+                references.setdefault(prompt, str(reference))
+    return (prompts[:limit] if limit else prompts), references
+
+
+def load_data(cfg: Config) -> Tuple[List[str], List[str], Dict[str, str]]:
+    """(train prompts, eval prompts, {prompt: reference}) from TRAIN_DATASETS and EVAL_DATASETS."""
+    train_prompts, train_refs = load_prompts(cfg.TRAIN_DATASETS, cfg.MAX_TRAIN_SAMPLES,
+                                             "TRAIN_DATASETS")
+    eval_prompts, eval_refs = load_prompts(cfg.EVAL_DATASETS, cfg.MAX_EVAL_SAMPLES, "EVAL_DATASETS")
+    return train_prompts, eval_prompts, {**train_refs, **eval_refs}
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Models and tokenizers: loading, checking and saving the four models
+# ---------------------------------------------------------------------------------------------
+def model_error(name: str, path: str, problem: str) -> ConfigError:
+    return ConfigError(f"{name} = {path!r}: {problem}")
+
+
+def load_model_config(name: str, path: str, cfg: Config):
+    """(resolved path, config), with an error that names the constant when there is no model
+    there."""
+    from transformers import AutoConfig
+    resolved = resolve_path(path)
+    try:
+        config = AutoConfig.from_pretrained(resolved, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    except (OSError, ValueError) as e:
+        if not Path(resolved).exists() and (resolved.startswith((".", "/", "~")) or
+                                            resolved.count("/") > 1):
+            raise model_error(name, path, "no such folder.") from None
+        raise model_error(name, path, f"cannot load a model config from it ({first_line(e)}). "
+                          "Give a local folder made by save_pretrained, or a Hugging Face hub id "
+                          "(downloads need network access).") from None
+    return resolved, config
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off in every layer, so the PPO ratio is exactly 1 before the first update. The
+    modules are changed, not the config, so a saved checkpoint keeps the user's dropout settings."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for key, value in list(vars(module).items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(module, key, 0.0)
+    return model
+
+
+def check_model_kind(name: str, path: str, config, kind: str) -> None:
+    """kind "causal": a generative model; "reward": a sequence classifier with one label; "critic":
+    either."""
+    architectures = getattr(config, "architectures", None) or []
+    if kind == "causal" and architectures and not any(
+            a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+            for a in architectures):
+        raise model_error(name, path, f"is a {architectures[0]}, not a causal language model "
+                          "(AutoModelForCausalLM). Point it at a generative model.")
+    if kind == "reward" and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise model_error(name, path, f"is a {architectures[0] if architectures else 'model'} "
+                          "without a sequence-classification head; the reward model must load with "
+                          "AutoModelForSequenceClassification (num_labels=1).")
+    if kind == "reward" and config.num_labels != 1:
+        raise model_error(name, path, f"has num_labels = {config.num_labels}; a reward model gives "
+                          "one score per sequence (num_labels=1).")
+
+
+def load_causal_lm(name: str, path: str, cfg: Config, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+    resolved, config = load_model_config(name, path, cfg)
+    check_model_kind(name, path, config, "causal")
+    model = AutoModelForCausalLM.from_pretrained(resolved, config=config, dtype=dtype,
+                                                 trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    return disable_dropout(model)
+
+
+def load_sequence_classifier(name: str, path: str, cfg: Config, dtype: torch.dtype,
+                             is_reward: bool):
+    """The reward model, or the critic (from a reward model or a causal LM: its `score` head is the
+    value head)."""
+    from transformers import AutoModelForSequenceClassification
+    resolved, config = load_model_config(name, path, cfg)
+    check_model_kind(name, path, config, "reward" if is_reward else "critic")
+    config.num_labels = 1
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolved, config=config, dtype=dtype, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    if not is_reward and not isinstance(getattr(model, "score", None), nn.Linear):
+        raise model_error(name, path, f"{type(model).__name__} has no `score` head; the critic "
+                          "must be a decoder-only model (Llama, Qwen2, Mistral, GPT-2, ...).")
+    return disable_dropout(model)
+
+
+def load_tokenizer(name: str, path: str, cfg: Config):
+    from transformers import AutoTokenizer
+    resolved, _ = load_model_config(name, path, cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    except (OSError, ValueError, TypeError) as e:
+        raise model_error(name, path, f"has no usable tokenizer ({first_line(e)}); save one next "
+                          "to the model with tokenizer.save_pretrained(folder).") from None
+    if tokenizer.pad_token is None:
+        distinct = tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.unk_token if distinct else tokenizer.eos_token
+        logger.info(f"{name}: the tokenizer has no pad token; padding with {tokenizer.pad_token!r} "
+                    "(masks never depend on the pad id, so this is safe).")
+    return tokenizer
+
+
+def vocab_size(config) -> Optional[int]:
+    return getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                   "vocab_size", None)
+
+
+def stop_token_ids(tokenizer, path: str, config, stop_tokens: List[str]) -> torch.Tensor:
+    """EOS of the tokenizer and of the policy's generation_config (chat models end turns with their
+    own token), plus STOP_TOKENS: a response ends at the first of them."""
+    from transformers import GenerationConfig
+    try:
+        generation = GenerationConfig.from_pretrained(path)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    configured = generation.eos_token_id
+    ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    for token in stop_tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ConfigError(f"STOP_TOKENS: {token!r} is not a single token of the policy's "
+                              "tokenizer.")
+        ids.add(token_id)
+    ids.discard(None)
+    if not ids:
+        raise ConfigError("The policy's tokenizer has no EOS token: add one, or list an end token "
+                          "in STOP_TOKENS.")
+    return torch.tensor(sorted(ids))
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing, non-reentrant so frozen inputs and LoRA need no extra
+    hooks."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # name since transformers 5.x
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_lora(policy: nn.Module, cfg: Config, adapter: Optional[str] = None) -> nn.Module:
+    """Wrap the policy in trainable LoRA adapters: new ones, or those saved in a checkpoint."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    if adapter:
+        return PeftModel.from_pretrained(policy, adapter, is_trainable=True)
+    targets = cfg.LORA_TARGET_MODULES
+    targets = (targets if targets == "all-linear"
+               else [name.strip() for name in targets.split(",") if name.strip()])
+    return get_peft_model(policy, LoraConfig(r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA,
+                                             lora_dropout=cfg.LORA_DROPOUT,
+                                             target_modules=targets, task_type="CAUSAL_LM"))
+
+
+@dataclasses.dataclass
+class Models:
+    """What load_models builds: tokenizers, stop tokens, the prepared trained models and their
+    optimizer, and the frozen reference and reward models."""
+    tokenizer: object
+    reward_tokenizer: object
+    stop_ids: torch.Tensor
+    model: nn.Module                     # PolicyAndCritic, wrapped by the backend (DDP / DeepSpeed)
+    optimizer: object
+    ref: Reference
+    reward_model: nn.Module
+
+
+def load_tokenizers(cfg: Config):
+    """Configs, tokenizers and stop tokens of every model, checked before any weights load:
+    (policy tokenizer, reward tokenizer, stop ids)."""
+    policy_path, policy_config = load_model_config("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)
+    check_model_kind("ACTOR_MODEL", cfg.ACTOR_MODEL, policy_config, "causal")
+    _, reward_config = load_model_config("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
+    check_model_kind("REWARD_MODEL", cfg.REWARD_MODEL, reward_config, "reward")
+    tokenizer = load_tokenizer("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)
+    tokenizer.padding_side = "left"
+    reward_tokenizer = load_tokenizer("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
+    reward_tokenizer.truncation_side = "left"          # an over-long input keeps the response
+    stop_ids = stop_token_ids(tokenizer, policy_path, policy_config, cfg.STOP_TOKENS)
+    if cfg.USE_CHAT_TEMPLATE and tokenizer.chat_template:
+        check_generation_prompt(tokenizer)
+        turn_end = template_turn_end(tokenizer)
+        if turn_end is not None and turn_end not in stop_ids:
+            logger.info("The chat template ends a turn with "
+                        f"{tokenizer.convert_ids_to_tokens(turn_end)!r}: it ends a response too.")
+            stop_ids = torch.cat([stop_ids, torch.tensor([turn_end])]).sort().values
+    if cfg.ADVANTAGE_ESTIMATOR == "gae":
+        _, critic_config = load_model_config("CRITIC_MODEL", cfg.CRITIC_MODEL, cfg)
+        critic_vocab = vocab_size(critic_config)
+        if critic_vocab is not None and critic_vocab < len(tokenizer):
+            raise model_error("CRITIC_MODEL", cfg.CRITIC_MODEL,
+                              f"has a vocabulary of {critic_vocab} tokens, "
+                              f"fewer than the policy's {len(tokenizer)}: the critic reads the "
+                              "policy's tokens, so start it from a model with the policy's "
+                              "tokenizer.")
+    return tokenizer, reward_tokenizer, stop_ids
+
+
+def load_models(cfg: Config, backend: "Backend", checkpoint: Optional[Path]) -> Models:
+    """Policy and critic (trained, float32 master weights, from the checkpoint when resuming), the
+    frozen reference (float32 like the policy; under LoRA the policy's base) and reward model (in
+    the mixed-precision dtype), one AdamW over both trained models, prepared."""
+    tokenizer, reward_tokenizer, stop_ids = load_tokenizers(cfg)
+    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(backend.mixed_precision,
+                                                                       torch.float32)
+    if cfg.USE_LORA:
+        policy = apply_lora(load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, frozen_dtype), cfg,
+                            adapter=str(checkpoint / "policy_adapter") if checkpoint else None)
+        reference = Reference(policy, adapters_off=True)
+    else:
+        start = str(checkpoint / "policy") if checkpoint else cfg.ACTOR_MODEL
+        policy = load_causal_lm("ACTOR_MODEL", start, cfg, torch.float32)
+        # float32 like the policy: both then take one numeric path under autocast (KL 0 at step 0)
+        frozen = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, torch.float32)
+        reference = Reference(frozen.requires_grad_(False).eval(), adapters_off=False)
+    critic = None
+    if cfg.ADVANTAGE_ESTIMATOR == "gae":
+        start = str(checkpoint / "critic") if checkpoint else cfg.CRITIC_MODEL
+        critic = load_sequence_classifier("CRITIC_MODEL", start, cfg, torch.float32,
+                                          is_reward=False)
+    for model in (policy, critic):
+        if model is not None and cfg.GRADIENT_CHECKPOINTING:
+            enable_checkpointing(model)
+    reward = load_sequence_classifier("REWARD_MODEL", cfg.REWARD_MODEL, cfg, frozen_dtype,
+                                      is_reward=True)
+    parked = "cpu" if cfg.OFFLOAD_REF_AND_REWARD else backend.device
+    reference.to(backend.device if cfg.USE_LORA else parked)
+    reward = reward.requires_grad_(False).eval().to(parked)
+    groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}
+              for m, lr in ((policy, cfg.LEARNING_RATE), (critic, cfg.CRITIC_LEARNING_RATE))
+              if m is not None]
+    # fused: one kernel per optimizer step instead of a dozen small ops per tensor
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.WEIGHT_DECAY, fused=True)
+    model, optimizer = backend.prepare(PolicyAndCritic(policy, critic), optimizer)
+    counts = [f"{sum(p.numel() for p in g['params']) / 1e6:.2f}M" for g in groups]
+    logger.info(f"policy {type(policy).__name__} ({counts[0]} trainable parameters), critic "
+                f"{type(critic).__name__ if critic else 'none'} ({counts[1] if critic else 0}), "
+                f"device {backend.device}, mixed precision {backend.mixed_precision}")
+    check_learning_rate(policy, cfg)
+    return Models(tokenizer, reward_tokenizer, stop_ids, model, optimizer, reference, reward)
+
+
+def check_learning_rate(policy: nn.Module, cfg: Config) -> None:
+    billions = sum(p.numel() for p in policy.parameters()) / 1e9
+    if billions >= 0.3 and not cfg.USE_LORA and cfg.LEARNING_RATE > 2e-5:
+        logger.warning(f"LEARNING_RATE = {cfg.LEARNING_RATE:g} is far above the usual 1e-6 to 5e-6 "
+                       f"for a {billions:.1f}B-parameter policy; PPO is likely to diverge.")
+
+
+def write_policy(policy: nn.Module, tokenizer, folder: Path, adapter_folder: Path,
+                 cfg: Config) -> None:
+    """A folder AutoModelForCausalLM.from_pretrained loads; under LoRA the adapters go to
+    adapter_folder (what a resume loads) and `folder` gets base + adapters merged on a CPU copy
+    (training is untouched)."""
+    if not cfg.USE_LORA:
+        return write_model(policy, tokenizer, folder)
+    from peft import PeftModel
+    policy.save_pretrained(adapter_folder)
+    base = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, torch.float32)
+    write_model(PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload(), tokenizer,
+                folder)
+
+
+def write_model(model: nn.Module, tokenizer, folder: Path) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. Checkpoints and run files: atomic writes, discovery, rotation, loading without running code
 # ---------------------------------------------------------------------------------------------
 CHECKPOINT_FILES = ("policy/config.json", "training_state.pt", "config.json")
 CHECKPOINT_HELP = ("Check: 1. the checkpoint path is right; 2. training_state.pt exists in it; "
@@ -2944,7 +2961,7 @@ class RunFiles:
 
 
 # ---------------------------------------------------------------------------------------------
-# 12. Logging, metrics and charts
+# 13. Logging, metrics and charts
 # ---------------------------------------------------------------------------------------------
 class TqdmLoggingHandler(logging.Handler):
     """Echo log lines to the terminal without breaking the progress bar."""
@@ -3103,16 +3120,8 @@ def plot_metrics(rows: List[dict], output_dir: Path) -> List[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 13. Entry point
+# 14. Entry point
 # ---------------------------------------------------------------------------------------------
-def load_data(cfg: Config) -> Tuple[List[str], List[str], Dict[str, str]]:
-    """(train prompts, eval prompts, {prompt: reference}) from TRAIN_DATASETS and EVAL_DATASETS."""
-    train_prompts, train_refs = load_prompts(cfg.TRAIN_DATASETS, cfg.MAX_TRAIN_SAMPLES,
-                                             "TRAIN_DATASETS")
-    eval_prompts, eval_refs = load_prompts(cfg.EVAL_DATASETS, cfg.MAX_EVAL_SAMPLES, "EVAL_DATASETS")
-    return train_prompts, eval_prompts, {**train_refs, **eval_refs}
-
-
 def ask_yes_no(question: str) -> Optional[bool]:
     """y / n at a terminal; anything else asks again; None on end of input."""
     while True:
