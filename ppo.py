@@ -11,6 +11,13 @@ ppo.py: PPO for RLHF of Hugging Face causal language models, in one file.
     accelerate launch --config_file configs/deepspeed_zero2.yaml ppo.py  # ZeRO-2 (needs deepspeed)
     python -m pytest -q tests                     # the test suite
 
+Reading guide: sections 2-5 are the algorithm, in one stretch that reads downward: the settings
+(2), the PPO math and its variants as pure functions (3), the data and state of one step and its
+forward passes (4), and PPOTrainer (5), from train_step through the rollout recipe, the update
+and the commit, then the guide's hooks, evaluation and the loop. Sections 6-14 are what it runs
+on: tokens and text, step bookkeeping, the backend, configuration, data, models, checkpoints,
+logging and the entry point.
+
 Deliberate choices, where references differ:
 1. Rollouts sample the full distribution (top_k=0, top_p=1, no repetition penalty, whatever the
    model's generation_config says), and every logprob is recomputed from logits / TEMPERATURE:
@@ -66,7 +73,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-from accelerate.utils import broadcast_object_list, gather_object
+from torch.nn.utils.rnn import pad_sequence
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 logger = logging.getLogger("ppo")
@@ -74,16 +82,14 @@ logger = logging.getLogger("ppo")
 # ---------------------------------------------------------------------------------------------
 # 2. Configuration: edit here, or override with `python ppo.py [run.json|run.yaml] [--NAME=value]`
 # ---------------------------------------------------------------------------------------------
-# Models: a hub id or a local path (a relative path is looked up in the working directory, then
-# next to this file).
+# Models: a hub id or a local path (relative: the working directory, then next to this file)
 ACTOR_MODEL = "data/tiny-policy"    # policy pi_theta (AutoModelForCausalLM); frozen copy = pi_ref
 CRITIC_MODEL = "data/tiny-reward"   # critic V_phi: causal LM or reward model (score head -> V head)
 REWARD_MODEL = "data/tiny-reward"   # AutoModelForSequenceClassification num_labels=1; own tokenizer
 TRUST_REMOTE_CODE = False           # run code shipped in model repos; only for repos you trust
 USE_CHAT_TEMPLATE = True            # wrap prompts in the policy tokenizer's chat template, if any
 
-# Data: lists of {"path", "type": "jsonl" | "parquet", "input": prompt column,
-#                 "output": reference column (optional)}
+# Data: lists of {"path", "type": "jsonl" | "parquet", "input": prompt column, "output": reference}
 TRAIN_DATASETS = [{"path": "data/arithmetic_train.jsonl", "type": "jsonl", "input": "problem",
                    "output": "solution"}]
 EVAL_DATASETS = [{"path": "data/arithmetic_eval.parquet", "type": "parquet", "input": "question",
@@ -110,39 +116,27 @@ LEARNING_RATE = 3e-5                # policy lr (tiny default); 0.5B-7B: 1e-6 to
 CRITIC_LEARNING_RATE = 1e-4         # critic lr; 0.5B-7B models: 5e-6 to 1e-5
 WEIGHT_DECAY = 0.0                  # AdamW decoupled weight decay, both models
 MAX_GRAD_NORM = 1.0                 # clip each model's grad norm at this (guide: 0.5 if unstable)
-USE_LR_SCHEDULER = True             # on: LR_SCHEDULER_TYPE over the run (off: constant rates). The
-                                    # shipped default ends at its best with cosine; with a constant
-                                    # rate it drifts 4 points below it (README)
-LR_SCHEDULER_TYPE = "cosine"        # "cosine" | "linear" | "constant" (after warmup) | "plateau"
-                                    # (on EARLY_STOPPING_METRIC)
+USE_LR_SCHEDULER = True             # LR_SCHEDULER_TYPE over the run (False: constant rates)
+LR_SCHEDULER_TYPE = "cosine"        # "cosine" | "linear" | "constant" | "plateau" (on evaluations)
 WARMUP_STEPS = 0                    # optimizer steps of linear warmup (with USE_LR_SCHEDULER)
 PLATEAU_FACTOR = 0.5                # "plateau": multiply the learning rates by this ...
 PLATEAU_PATIENCE = 2                # ... after this many evaluations without improvement
 
-# PPO
+# PPO (formulas and papers: section 3 and PPO_V1_IMPROVEMENTS.md)
+ADVANTAGE_ESTIMATOR = "gae"         # "gae": a critic | "grpo" | "dr_grpo" | "rloo" | "reinforce++"
 TEMPERATURE = 1.0                   # T: sampling temperature; every logprob uses logits / T
 CLIP_RANGE = 0.2                    # epsilon: the ratio pi/pi_old is clipped to [1 - eps, 1 + eps]
 CLIP_RANGE_LOW = None               # eps_low: lower clip 1 - eps_low (None = CLIP_RANGE)
-CLIP_RANGE_HIGH = None              # eps_high: upper clip 1 + eps_high (None = CLIP_RANGE); DAPO's
-                                    # clip-higher (arXiv 2503.14476): 0.28 with eps_low 0.2
-DUAL_CLIP = 0.0                     # c > 1: a token with A < 0 loses at most -c * A (Ye et al.
-                                    # 2020, arXiv 1912.09729; 3.0 is usual); 0 = off
-POLICY_LOSS = "ppo"                 # "ppo": token ratio, clipped | "gspo": one ratio per sequence,
-                                    # the geometric mean of its tokens' (GSPO, arXiv 2507.18071; its
-                                    # ranges are ~3e-4 / 4e-4) | "cispo": clipped ratio as a stop-
-                                    # gradient weight on log pi (MiniMax-M1, arXiv 2506.13585)
-LOSS_AGGREGATION = "token-mean"     # token losses -> minibatch loss: "token-mean" |
-                                    # "seq-mean-token-mean" (GRPO paper) | "seq-mean-token-sum" |
-                                    # "seq-mean-token-sum-norm" (Dr. GRPO, arXiv 2503.20783:
-                                    # token sums / (sequences x MAX_NEW_TOKENS))
+CLIP_RANGE_HIGH = None              # eps_high: upper clip 1 + eps_high (None = CLIP_RANGE)
+DUAL_CLIP = 0.0                     # c > 1: a token with A < 0 loses at most -c * A (3.0; 0 = off)
+POLICY_LOSS = "ppo"                 # "ppo": token ratio | "gspo": sequence ratio | "cispo"
+LOSS_AGGREGATION = "token-mean"     # or "seq-mean-token-mean" | "seq-mean-token-sum(-norm)"
 CLIP_RANGE_VALUE = 0.2              # epsilon_v: V is clipped to V_old +- epsilon_v (reward units)
 VALUE_LOSS_COEF = 0.5               # c1: loss += c1 * value loss (see deviation 6)
 ENTROPY_COEF = 0.01                 # c2: loss -= c2 * mean token entropy (0 for most large models)
 KL_COEF = 0.05                      # beta: r_t = -beta * KL_t (the start value when ADAPTIVE_KL)
-KL_ESTIMATOR = "k1"                 # "k1": d = logp - logp_ref, unbiased | "k2": d^2 / 2 |
-                                    # "k3": e^-d - 1 + d, >= 0, unbiased
-KL_IN_LOSS = False                  # the KL leaves the reward (KL_COEF unused) and enters the loss
-                                    # as KL_LOSS_COEF * KL_ESTIMATOR (GRPO, arXiv 2402.03300: k3)
+KL_ESTIMATOR = "k1"                 # "k1": d = logp - logp_ref | "k2": d^2 / 2 | "k3": e^-d - 1 + d
+KL_IN_LOSS = False                  # the KL leaves the reward and enters the loss (GRPO)
 KL_LOSS_COEF = 0.04                 # weight of the KL term in the loss with KL_IN_LOSS (GRPO: 0.04)
 ADAPTIVE_KL = False                 # Ziegler et al.'s controller: beta moves to ADAPTIVE_KL_TARGET
 ADAPTIVE_KL_TARGET = 6.0            # target KL per response, nats
@@ -152,12 +146,9 @@ LAM = 0.95                          # GAE lambda
 MISSING_EOS_PENALTY = 1.0           # subtracted from the score of a response with no EOS (0 = off)
 REWARD_NORMALIZATION = False        # scale scores by a running mean / std (kept in checkpoints)
 REWARD_CLIP = 0.0                   # clip (normalised) scores to +- this (0 = off)
-OVERLONG_BUFFER = 0                 # DAPO's soft overlong penalty: over the last N tokens before
-OVERLONG_PENALTY = 1.0              # MAX_NEW_TOKENS, the score falls linearly by up to this
-                                    # (OVERLONG_BUFFER = 0: off)
-DYNAMIC_SAMPLING = False            # train only on groups whose scores differ (DAPO); the others
-                                    # have zero group advantage (no KL in the reward: KL_COEF = 0
-                                    # or KL_IN_LOSS) and would only dilute the gradient
+OVERLONG_BUFFER = 0                 # DAPO: the score falls over the last N tokens (0 = off) ...
+OVERLONG_PENALTY = 1.0              # ... linearly, by this much at MAX_NEW_TOKENS
+DYNAMIC_SAMPLING = False            # DAPO: train only on the groups whose scores differ
 REFERENCE_REWARD = 0.0              # + this to the score when the dataset output matches (0 = off)
 ANSWER_MATCH = "last_number"        # answer rule: "last_number" (math) | "exact" | "contains"
 STOP_TOKENS = []                    # tokens that end a response besides EOS, e.g. ["<|im_end|>"]
@@ -172,21 +163,16 @@ SAVE_EVERY_N_STEPS = 50             # write OUTPUT_DIR/checkpoints/step_N every 
 SAVE_TOTAL_LIMIT = 0                # keep the newest N checkpoints, plus the best (0 = keep all)
 RESUME = "ask"                      # "ask" ("yes" if no terminal) | "yes" (latest) | "no" | a path
 EARLY_STOPPING_PATIENCE = 0         # stop after N evaluations without improvement (0 = off)
-EARLY_STOPPING_METRIC = "eval/reward"  # higher is better; e.g. "eval/accuracy". The policy of
-                                    # its best evaluation is kept in OUTPUT_DIR/best (rewritten at
-                                    # each improvement, early stopping on or off)
+EARLY_STOPPING_METRIC = "eval/reward"  # higher is better (e.g. "eval/accuracy"); its best: best/
 EARLY_STOPPING_MIN_DELTA = 0.0      # smallest change that counts as an improvement
 
 # Logging
 USE_WANDB = False                   # also log to Weights & Biases (WANDB_MODE=offline: no account)
-WANDB_PROJECT = "ppo-v1"
+WANDB_PROJECT = "ppo-v1"            # the wandb project of the run
 WANDB_ENTITY = None                 # team or user; None = your default
 WANDB_RUN_NAME = None               # None = the name of OUTPUT_DIR
 
-# Memory and scale (several GPUs: `accelerate launch ppo.py` or
-# `torchrun --nproc_per_node N ppo.py`)
-ADVANTAGE_ESTIMATOR = "gae"         # "gae" (critic) | "grpo" | "dr_grpo" | "rloo" | "reinforce++":
-                                    # no critic, the GROUP_SIZE responses are the baseline
+# Memory and scale (several GPUs: `accelerate launch ppo.py`, `torchrun --nproc_per_node N ppo.py`)
 USE_LORA = False                    # train LoRA adapters (peft); reference = base with adapters off
 LORA_R = 16                         # adapter rank r
 LORA_ALPHA = 32                     # adapter scale alpha (the update is scaled by alpha / r)
@@ -223,7 +209,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return masked_sum(centred * centred, mask) / (count - int(unbiased)).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, mean=None, var=None, shift_mean: bool = True,
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, mean=None, var=None,
                   eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / std over valid entries (mean / var may come from all processes); padding -> 0.
 
@@ -232,8 +218,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, mean=None, var=None, shif
     mean = masked_mean(x, mask) if mean is None else mean
     var = masked_var(x, mask) if var is None else var
     whitened = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
     return torch.where(mask, whitened, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
@@ -302,20 +286,18 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature
     return logprobs.view(batch, length), entropy.view(batch, length)
 
 
+KL_ESTIMATORS = {  # KL_ESTIMATOR: d = log pi - log pi_ref of a token -> estimate of KL(pi || ref)
+    "k1": lambda d: d,                     # unbiased, negative on some tokens
+    "k2": lambda d: 0.5 * d ** 2,          # >= 0, biased; as a loss, the reverse KL's gradient
+    "k3": lambda d: torch.expm1(-d) + d,   # (r - 1) - log r, r = pi_ref / pi: >= 0, unbiased
+}
+
+
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                estimator: str = "k1") -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimate from samples of pi. http://joschu.net/blog/kl-approx.html
-    k1 = log(pi / pi_ref): unbiased, negative on some tokens;
-    k2 = (log r)^2 / 2: >= 0, biased; its gradient as a loss is the reverse KL's;
-    k3 = (r - 1) - log r, r = pi_ref / pi: >= 0, unbiased."""
-    log_ratio = logprobs - ref_logprobs
-    if estimator == "k1":
-        return log_ratio
-    if estimator == "k2":
-        return 0.5 * log_ratio ** 2
-    if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}")
+    """Per-token KL(pi || pi_ref) estimate (B, T) from samples of pi, by KL_ESTIMATORS[estimator].
+    http://joschu.net/blog/kl-approx.html"""
+    return KL_ESTIMATORS[estimator](logprobs - ref_logprobs)
 
 
 def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor,
@@ -350,58 +332,77 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torc
     return torch.where(response_mask, advantages, zero), torch.where(response_mask, returns, zero)
 
 
+GROUP_BASELINES = {  # critic-free ADVANTAGE_ESTIMATORs: group rewards (prompts, G) -> advantages
+    # (R - mean of the group) / (std of the group + eps)    (Shao et al. 2024, arXiv 2402.03300)
+    "grpo": lambda g, eps: (g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps),
+    # R - mean of the group: no std, which favours groups of nearly equal rewards (arXiv 2503.20783)
+    "dr_grpo": lambda g, eps: g - g.mean(1, keepdim=True),
+    # R - mean of the other G - 1 rewards of the group    (Ahmadian et al. 2024, arXiv 2402.14740)
+    "rloo": lambda g, eps: g - (g.sum(1, keepdim=True) - g) / (g.shape[1] - 1),
+}
+GROUP_ESTIMATORS = tuple(GROUP_BASELINES)        # one advantage per response, from its group
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str,
                      eps: float = 1e-6) -> torch.Tensor:
-    """Critic-free advantages of sequence rewards (B,), the GROUP_SIZE responses of a prompt in
-    consecutive rows.
-    grpo: (R - mean of the group) / (std of the group + eps)    (Shao et al. 2024, arXiv 2402.03300)
-    dr_grpo: R - mean of the group: no std, which favours groups of nearly equal rewards
-             (Liu et al. 2025, arXiv 2503.20783)
-    rloo: R - mean of the other G - 1 rewards of the group
-          (Ahmadian et al. 2024, arXiv 2402.14740)"""
-    grouped = rewards.view(-1, group_size)                            # (prompts, G)
-    centred = grouped - grouped.mean(1, keepdim=True)
-    if estimator == "grpo":
-        return (centred / (grouped.std(1, keepdim=True) + eps)).reshape(-1)
-    if estimator == "dr_grpo":
-        return centred.reshape(-1)
-    if estimator == "rloo":
-        return (grouped - (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)).reshape(-1)
-    raise ValueError(f"unknown group estimator {estimator!r}")
+    """Critic-free advantages (B,) of sequence rewards (B,), the GROUP_SIZE responses of a prompt
+    in consecutive rows, by GROUP_BASELINES[estimator]."""
+    return GROUP_BASELINES[estimator](rewards.view(-1, group_size), eps).reshape(-1)
 
 
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")      # one advantage per response, from its group
+def masked_mean_var(x: torch.Tensor, mask: torch.Tensor,
+                    all_sum) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Masked mean and (Bessel-corrected) variance over the valid entries of all processes, exact
+    in two passes; all_sum adds a tensor over the processes."""
+    total, count = all_sum(torch.stack([masked_sum(x, mask), mask.sum().to(x.dtype)]))
+    mean = total / count.clamp(min=1)
+    return mean, all_sum(masked_sum((x - mean) ** 2, mask)) / (count - 1).clamp(min=1)
 
 
-def local_mean_var(x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    return masked_mean(x, mask), masked_var(x, mask)
+def critic_advantages(rewards, values, mask, cfg, all_sum):
+    """gae: GAE with the critic's V_old, whitened over the valid tokens of every process. Returns
+    (advantages, returns, advantages before whitening), each (B, T)."""
+    advantages, returns = compute_gae(rewards, values, mask, cfg.GAMMA, cfg.LAM)
+    mean, var = masked_mean_var(advantages, mask, all_sum)
+    return masked_whiten(advantages, mask, mean, var), returns, advantages
 
 
-def compute_advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef: float, cfg,
-                       mean_var=local_mean_var) -> Tuple[torch.Tensor, ...]:
-    """Steps 5-6 of the rollout: r_t = -beta * KL_t plus the score at the last token, then
-    advantages by ADVANTAGE_ESTIMATOR: GAE with the critic's values (B, T), or reinforce++ (GAE
-    with V = 0, lambda = 1), both whitened over the valid tokens of every process (mean_var), or a
-    group baseline (grpo, dr_grpo, rloo). Returns (advantages, returns, kl, advantages before
-    whitening), each (B, T); returns are 0 for the group estimators."""
-    kl = kl_penalty(logprobs, ref_logprobs, cfg.KL_ESTIMATOR)                           # (B, T)
-    rewards = shape_rewards(scores, kl, mask, kl_coef)                                 # (B, T)
-    if cfg.ADVANTAGE_ESTIMATOR not in GROUP_ESTIMATORS:
-        critic = cfg.ADVANTAGE_ESTIMATOR == "gae"
-        values = values if critic else torch.zeros_like(rewards)
-        advantages, returns = compute_gae(rewards, values, mask, cfg.GAMMA,
-                                          cfg.LAM if critic else 1.0)
-        return masked_whiten(advantages, mask, *mean_var(advantages, mask)), returns, kl, advantages
+def reinforce_pp_advantages(rewards, values, mask, cfg, all_sum):
+    """reinforce++: GAE with V = 0 and lambda = 1 (the return to go), whitened like gae's."""
+    advantages, returns = compute_gae(rewards, torch.zeros_like(rewards), mask, cfg.GAMMA, 1.0)
+    mean, var = masked_mean_var(advantages, mask, all_sum)
+    return masked_whiten(advantages, mask, mean, var), returns, advantages
+
+
+def group_baseline_advantages(rewards, values, mask, cfg, all_sum):
+    """grpo, dr_grpo, rloo: each response's summed reward against its group, on every token;
+    returns are 0 (no critic)."""
     sequence = group_advantages(masked_sum(rewards, mask, 1), cfg.GROUP_SIZE,
                                 cfg.ADVANTAGE_ESTIMATOR)
     advantages = torch.where(mask, sequence[:, None], torch.zeros((), device=rewards.device))
-    return advantages, torch.zeros_like(rewards), kl, advantages
+    return advantages, torch.zeros_like(rewards), advantages
+
+
+ADVANTAGE_ESTIMATORS = {"gae": critic_advantages, "reinforce++": reinforce_pp_advantages,
+                        **dict.fromkeys(GROUP_ESTIMATORS, group_baseline_advantages)}
+
+
+def compute_advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef: float, cfg,
+                       all_sum) -> Tuple[torch.Tensor, ...]:
+    """Steps 5-6 of the rollout: r_t = -beta * KL_t plus the score at the last token, then
+    advantages by ADVANTAGE_ESTIMATORS[ADVANTAGE_ESTIMATOR]. Returns (advantages, returns, kl,
+    advantages before whitening), each (B, T)."""
+    kl = kl_penalty(logprobs, ref_logprobs, cfg.KL_ESTIMATOR)                           # (B, T)
+    rewards = shape_rewards(scores, kl, mask, kl_coef)                                 # (B, T)
+    estimator = ADVANTAGE_ESTIMATORS[cfg.ADVANTAGE_ESTIMATOR]
+    advantages, returns, unwhitened = estimator(rewards, values, mask, cfg, all_sum)
+    return advantages, returns, kl, unwhitened
 
 
 def clipped_surrogate(ratio, advantages, clip_low: float, clip_high: float, dual_clip: float = 0.0):
     """max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high)) per token; with dual clip c,
-    a token with A < 0 loses at most -c * A. Returns (loss, clipped: a clip decided the value, so
-    no gradient flows)."""
+    a token with A < 0 loses at most -c * A (Ye et al. 2020, arXiv 1912.09729; c = 3 is usual).
+    Returns (loss, clipped: a clip decided the value, so no gradient flows)."""
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     loss, clipped = torch.max(pg_loss1, pg_loss2), pg_loss2 > pg_loss1
@@ -412,72 +413,83 @@ def clipped_surrogate(ratio, advantages, clip_low: float, clip_high: float, dual
     return loss, clipped
 
 
-def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_range: float,
-                        clip_high: Optional[float] = None, dual_clip: float = 0.0):
-    """PPO-clip surrogate per token on ratio = pi / pi_old, the range [1 - clip_range,
-    1 + clip_high (default clip_range)]. Returns (loss (B, T), clipped (B, T) bool)."""
+def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low: float,
+                        clip_high: float, dual_clip: float = 0.0):
+    """PPO-clip surrogate per token on ratio = pi / pi_old, clipped to [1 - eps_low, 1 + eps_high]
+    (mask unused: every token is its own term). Returns (loss (B, T), clipped (B, T) bool)."""
     ratio = torch.exp(logprobs - old_logprobs)
-    return clipped_surrogate(ratio, advantages, clip_range,
-                             clip_range if clip_high is None else clip_high, dual_clip)
+    return clipped_surrogate(ratio, advantages, clip_low, clip_high, dual_clip)
 
 
 def gspo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low: float, clip_high: float,
                      dual_clip: float = 0.0):
     """GSPO: one ratio per sequence, s = exp(mean over its tokens of log(pi / pi_old)), clipped
-    like PPO's. Each token carries s with the gradient of s / |y| (GSPO-token's
+    like PPO's (GSPO, arXiv 2507.18071, clips s to [1 - 3e-4, 1 + 4e-4]: s is a geometric mean, so
+    PPO's 0.2 seldom binds). Each token carries s with the gradient of s / |y| (GSPO-token's
     sg[s] * pi / sg[pi]), so a mean over a sequence's tokens is the sequence's loss exactly."""
     sequence_log_ratio = masked_mean(logprobs - old_logprobs, mask, 1).detach()          # (B,)
     ratio = torch.exp(logprobs - logprobs.detach() + sequence_log_ratio[:, None])
     return clipped_surrogate(ratio, advantages, clip_low, clip_high, dual_clip)
 
 
-def cispo_policy_loss(logprobs, old_logprobs, advantages, clip_low: float, clip_high: float):
-    """CISPO: -sg(clip(ratio, 1 - eps_low, 1 + eps_high)) * A * log pi: a clipped token keeps its
-    gradient, only its weight is bounded. Returns (loss, clipped: the weight was clipped)."""
+def cispo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low: float, clip_high: float,
+                      dual_clip: float = 0.0):
+    """CISPO (MiniMax-M1, arXiv 2506.13585): -sg(clip(ratio, 1 - eps_low, 1 + eps_high)) * A *
+    log pi: a clipped token keeps its gradient, only its weight is bounded (so no dual clip: the
+    settings refuse one; mask unused). Returns (loss, clipped: the weight was clipped)."""
     ratio = torch.exp(logprobs - old_logprobs).detach()
     weight = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     return -advantages * weight * logprobs, weight != ratio
 
 
 def clip_ranges(cfg: Config) -> Tuple[float, float]:
-    """(eps_low, eps_high): CLIP_RANGE_LOW / CLIP_RANGE_HIGH, each CLIP_RANGE when None."""
+    """(eps_low, eps_high): CLIP_RANGE_LOW / CLIP_RANGE_HIGH, each CLIP_RANGE when None. A higher
+    eps_high is DAPO's clip-higher (arXiv 2503.14476: 0.28 with eps_low 0.2): unlikely tokens with
+    a positive advantage may grow further, against entropy collapse."""
     return tuple(float(cfg.CLIP_RANGE if value is None else value)
                  for value in (cfg.CLIP_RANGE_LOW, cfg.CLIP_RANGE_HIGH))
 
 
+POLICY_LOSSES = {"ppo": clipped_policy_loss, "gspo": gspo_policy_loss, "cispo": cispo_policy_loss}
+
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, cfg):
-    """POLICY_LOSS's per-token loss (B, T) and clipped flags (B, T)."""
-    low, high = clip_ranges(cfg)
-    if cfg.POLICY_LOSS == "gspo":
-        return gspo_policy_loss(logprobs, old_logprobs, advantages, mask, low, high, cfg.DUAL_CLIP)
-    if cfg.POLICY_LOSS == "cispo":
-        return cispo_policy_loss(logprobs, old_logprobs, advantages, low, high)
-    return clipped_policy_loss(logprobs, old_logprobs, advantages, low, high, cfg.DUAL_CLIP)
+    """POLICY_LOSSES[POLICY_LOSS]'s per-token loss (B, T) and clipped flags (B, T)."""
+    return POLICY_LOSSES[cfg.POLICY_LOSS](logprobs, old_logprobs, advantages, mask,
+                                          *clip_ranges(cfg), cfg.DUAL_CLIP)
 
 
-def aggregate_sum(loss: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """The numerator of LOSS_AGGREGATION over some rows: a sum over rows, so the sums of the
-    micro-batches of a minibatch add up to the minibatch's."""
-    if mode == "seq-mean-token-mean":
-        return (masked_sum(loss, mask, 1) / mask.sum(1).clamp(min=1)).sum()
+def token_sum(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_sum(loss, mask)
 
 
+def sequence_mean_sum(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The sum over rows of each row's token mean."""
+    return (masked_sum(loss, mask, 1) / mask.sum(1).clamp(min=1)).sum()
+
+
+LOSS_AGGREGATIONS = {  # LOSS_AGGREGATION: (numerator, denominator given MAX_NEW_TOKENS), both sums
+    "token-mean": (token_sum, lambda mask, n: mask.sum().float()),               # over rows
+    # the GRPO paper's: each sequence's token mean, averaged (long wrong answers weigh less)
+    "seq-mean-token-mean": (sequence_mean_sum, lambda mask, n: mask.any(1).sum().float()),
+    "seq-mean-token-sum": (token_sum, lambda mask, n: mask.any(1).sum().float()),
+    # Dr. GRPO (arXiv 2503.20783): token sums / (sequences x MAX_NEW_TOKENS), a constant per
+    # sequence, so a long response's tokens weigh as much as a short one's
+    "seq-mean-token-sum-norm": (token_sum, lambda mask, n: mask.any(1).sum().float() * n),
+}
+
+
+def aggregate_sum(loss: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """The numerator of LOSS_AGGREGATIONS[mode] over some rows: a sum over rows, so the sums of the
+    micro-batches of a minibatch add up to the minibatch's."""
+    return LOSS_AGGREGATIONS[mode][0](loss, mask)
+
+
 def aggregate_count(mask: torch.Tensor, mode: str, max_new_tokens: int) -> torch.Tensor:
-    """The denominator of LOSS_AGGREGATION over some rows, also a sum over rows: tokens
-    (token-mean), sequences (seq-mean-*), or sequences x MAX_NEW_TOKENS (seq-mean-token-sum-norm:
-    a constant per sequence, so a long response's tokens weigh as much as a short one's)."""
-    if mode == "token-mean":
-        return mask.sum().float()
-    sequences = mask.any(1).sum().float()
-    return sequences * max_new_tokens if mode == "seq-mean-token-sum-norm" else sequences
-
-
-def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str,
-                   max_new_tokens: int) -> torch.Tensor:
-    """LOSS_AGGREGATION of per-token losses (B, T) over one whole minibatch -> scalar."""
-    count = aggregate_count(mask, mode, max_new_tokens)
-    return aggregate_sum(loss, mask, mode) / count.clamp(min=1)
+    """The denominator of LOSS_AGGREGATIONS[mode] over some rows, also a sum over rows: tokens
+    (token-mean), sequences (seq-mean-*), or sequences x MAX_NEW_TOKENS
+    (seq-mean-token-sum-norm)."""
+    return LOSS_AGGREGATIONS[mode][1](mask, max_new_tokens)
 
 
 def loss_counts(batch, cfg) -> torch.Tensor:
@@ -501,7 +513,8 @@ def clipped_value_loss(values, old_values, returns, clip_range_value: float):
 def ppo_loss(logprobs, entropy, values, batch, cfg, counts: torch.Tensor
              ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """One micro-batch's share of its minibatch's loss: the policy terms (POLICY_LOSS - c2 * H,
-    + KL_LOSS_COEF * KL with KL_IN_LOSS) aggregated by LOSS_AGGREGATION, + c1 * the token mean of
+    + KL_LOSS_COEF * KL with KL_IN_LOSS, as GRPO does (arXiv 2402.03300, with k3); the reward then
+    has no KL) aggregated by LOSS_AGGREGATION, + c1 * the token mean of
     the value loss, each over the denominator of the whole minibatch (counts, from loss_counts).
     Rows not `trained` (DYNAMIC_SAMPLING, group estimators only) add nothing to the policy terms
     (the value loss, critic runs only, takes every row). Returns the loss and the token sums of its
@@ -549,7 +562,8 @@ def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int,
 
 def uninformative_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     """(B,) True for the responses of a group whose scores are all equal: a group baseline gives
-    them zero advantage (DAPO's dynamic sampling drops them)."""
+    them zero advantage when the reward holds no KL, so they would only dilute the gradient
+    (DAPO's DYNAMIC_SAMPLING drops them)."""
     grouped = scores.view(-1, group_size)
     same = (grouped == grouped[:, :1]).all(1)
     return same.repeat_interleave(group_size)
@@ -576,18 +590,13 @@ def merge_moments(mean: float, var: float, count: int, batch_mean: float, batch_
 # ---------------------------------------------------------------------------------------------
 # 4. The step's data and state: rows, experience, minibatch schedule, forward passes
 # ---------------------------------------------------------------------------------------------
-def pad_left(sequences: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences], dtype=torch.long)
-    mask = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in sequences])
-    return ids, mask
-
-
-def pad_right(sequences: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.tensor([list(s) + [pad_id] * (width - len(s)) for s in sequences], dtype=torch.long)
-    mask = torch.tensor([[True] * len(s) + [False] * (width - len(s)) for s in sequences])
-    return ids, mask
+def pad(sequences: List[List[int]], pad_id: int, side: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (B, L) ids padded on `side` ("left": prompts, "right": responses) and the
+    (B, L) bool mask of the real tokens."""
+    rows = [torch.tensor(s, dtype=torch.long) for s in sequences]
+    ids = pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side=side)
+    real = [torch.ones(len(row), dtype=torch.bool) for row in rows]
+    return ids, pad_sequence(real, batch_first=True, padding_value=False, padding_side=side)
 
 
 def truncate_at_stop(response_ids: torch.Tensor, stop_ids: torch.Tensor):
@@ -738,7 +747,6 @@ class TrainState:
     reward_mean: float = 0.0               # running score moments (REWARD_NORMALIZATION)
     reward_var: float = 1.0
     reward_count: int = 0
-    skipped_steps: int = 0                 # PPO steps with a NaN / inf that were (partly) skipped
     consecutive_skips: int = 0
     best_metric: Optional[float] = None    # EARLY_STOPPING_METRIC: best value and its step
     best_step: int = -1
@@ -802,16 +810,10 @@ def supports_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
-def base_model(model: nn.Module) -> nn.Module:
-    """The transformer under a task head (`model.model` for Llama, `model.transformer` for
-    GPT-2)."""
-    return getattr(model, model.base_model_prefix)
-
-
 def head_outputs(model: nn.Module, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor) -> torch.Tensor:
     """The scalar `score` head on every position of a backbone: (B, L) float32."""
-    hidden = base_model(model)(input_ids=input_ids, attention_mask=attention_mask,
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     return model.score(hidden.last_hidden_state).squeeze(-1).float()
 
@@ -889,6 +891,7 @@ class PPOTrainer:
         hf_logging.disable_progress_bar()           # no "Writing model shards" bars inside our own
         self.cfg = cfg = make_config(settings)
         validate_config(cfg)
+        self.chunk = cfg.BATCH_SIZE * cfg.GROUP_SIZE       # sequences in one generate or forward
         self.backend = Backend.create(cfg)
         self.accelerator = self.backend.accelerator
         self.is_main, self.device = self.backend.is_main, self.backend.device
@@ -896,7 +899,7 @@ class PPOTrainer:
         self.log_path = setup_logging(self.output_dir, self.is_main)
         self.checkpoint = Path(resume_from_checkpoint) if resume_from_checkpoint else None
         saved = load_checkpoint_state(self.checkpoint, cfg) if self.checkpoint else None
-        seed_everything(cfg.SEED + self.backend.rank)
+        set_seed(cfg.SEED, device_specific=True)        # SEED + this process's rank
         self.state = TrainState(kl_coef=cfg.KL_COEF)
         self.plan: Optional[Plan] = None
         self.references: Dict[str, str] = {}       # prompt -> the dataset's reference output
@@ -995,15 +998,14 @@ class PPOTrainer:
                           do_sample: bool = True) -> Rollout:
         """One response per prompt, in batches of BATCH_SIZE * GROUP_SIZE, each cut after its first
         stop token."""
-        cfg, pad = self.cfg, self.tokenizer.pad_token_id
+        cfg, pad_id = self.cfg, self.tokenizer.pad_token_id
         self.prepare_prompts(prompts)
         config = self.generation_config(do_sample, max_new_tokens or cfg.MAX_NEW_TOKENS)
         policy = self.policy.eval()    # eval mode: gradient checkpointing would disable the cache
         queries = [self.prompt_ids[p] for p in prompts]
         responses, has_eos = [], []
-        for start in range(0, len(prompts), cfg.BATCH_SIZE * cfg.GROUP_SIZE):
-            query_ids, query_mask = pad_left(queries[start:start + cfg.BATCH_SIZE * cfg.GROUP_SIZE],
-                                             pad)
+        for start in range(0, len(prompts), self.chunk):
+            query_ids, query_mask = pad(queries[start:start + self.chunk], pad_id, "left")
             with torch.no_grad(), self.backend.autocast():
                 out = policy.generate(input_ids=query_ids.to(self.device), generation_config=config,
                                       attention_mask=query_mask.long().to(self.device))
@@ -1015,8 +1017,8 @@ class PPOTrainer:
         bodies = [r[:-1] if eos else r for r, eos in zip(responses, has_eos)]
         texts = response_texts(self.tokenizer, queries, bodies)
         self.generated_ids.update(zip(zip(prompts, texts), bodies))
-        query_ids, query_mask = pad_left(queries, pad)
-        response_ids, response_mask = pad_right(responses, pad)
+        query_ids, query_mask = pad(queries, pad_id, "left")
+        response_ids, response_mask = pad(responses, pad_id, "right")
         to = self.device
         return Rollout(list(prompts), query_ids.to(to), query_mask.to(to), response_ids.to(to),
                        response_mask.to(to), texts, torch.tensor(has_eos, device=to))
@@ -1089,7 +1091,7 @@ class PPOTrainer:
         else:
             first_pass, old = None, self.old_pass(rollout)
         advantages, returns, kl, unwhitened = compute_advantages(               # 5-6.
-            scores, old.logprobs, ref_logprobs, old.values, mask, beta, cfg, self.backend.mean_var)
+            scores, old.logprobs, ref_logprobs, old.values, mask, beta, cfg, self.backend.all_sum)
         trained = torch.ones(len(rollout), dtype=torch.bool, device=mask.device)
         if cfg.DYNAMIC_SAMPLING:
             trained = ~uninformative_groups(scores, cfg.GROUP_SIZE)
@@ -1121,7 +1123,7 @@ class PPOTrainer:
         logprobs = torch.zeros(rollout.response_ids.shape, device=self.device)
         offload = self.cfg.OFFLOAD_REF_AND_REWARD
         with placed(self.ref, self.device, offload), self.backend.autocast():
-            for idx in torch.arange(len(rollout)).split(self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE):
+            for idx in torch.arange(len(rollout)).split(self.chunk):
                 rows = rollout.select(idx)
                 t = rows.response_ids.shape[1]
                 logits = self.ref(*rows.sequences(), t)
@@ -1136,7 +1138,7 @@ class PPOTrainer:
         each."""
         length = rollout.response_ids.shape[1]
         parts = [self.forward(rollout.select(idx)) for idx in
-                 torch.arange(len(rollout)).split(self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE)]
+                 torch.arange(len(rollout)).split(self.chunk)]
         return PolicyPass(*(None if pieces[0] is None else torch.cat(
             [nn.functional.pad(p.float(), (0, length - p.shape[1])) for p in pieces])
             for pieces in zip(*parts)))
@@ -1222,7 +1224,6 @@ class PPOTrainer:
             s.reward_mean, s.reward_var, s.reward_count = moments
         skipped = (metrics["ppo/skipped_optimizer_steps"] -
                    metrics.get("ppo/empty_minibatches", 0)) > 0
-        s.skipped_steps += skipped
         s.consecutive_skips = s.consecutive_skips + 1 if skipped else 0
         if s.consecutive_skips >= cfg.MAX_CONSECUTIVE_SKIPS:
             raise TrainingError(
@@ -1255,9 +1256,9 @@ class PPOTrainer:
     def reward_model_scores(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
         """Batched reward-model scores (B,) of reward_input_ids, read at the last real token."""
         rows, scores = self.reward_input_ids(prompts, responses), []
-        chunk = self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE
-        for start in range(0, len(rows), chunk):
-            ids, mask = pad_right(rows[start:start + chunk], self.reward_tokenizer.pad_token_id)
+        for start in range(0, len(rows), self.chunk):
+            ids, mask = pad(rows[start:start + self.chunk], self.reward_tokenizer.pad_token_id,
+                            "right")
             with self.backend.autocast():
                 scores.append(sequence_scores(self.reward_model, ids.to(self.device),
                                               mask.long().to(self.device)))
@@ -1280,24 +1281,17 @@ class PPOTrainer:
         logged as eval/<name>; self.eval_responses holds the responses (this process's share)."""
         prompts, real = shard(eval_prompts, self.backend.rank, self.backend.world)
         self.generated_ids = {}
-        starts = range(0, len(prompts), self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE)
-        generations = [self.generate_response(prompts[s:s +
-                                                      self.cfg.BATCH_SIZE * self.cfg.GROUP_SIZE],
-                                              do_sample=not self.cfg.EVAL_GREEDY) for s in starts]
-        # placed once for the whole evaluation
+        rollout = self.generate_response(prompts, do_sample=not self.cfg.EVAL_GREEDY)
         with placed(self.reward_model, self.device, self.cfg.OFFLOAD_REF_AND_REWARD):
-            rewards = [self.rewards_of(g.prompts, g.responses) for g in generations]
-        sums = torch.zeros(6, device=self.device)    # reward, length, eos, correct, has_ref, count
-        for start, generation, reward in zip(starts, generations, rewards):
-            counted = (torch.arange(start, start + len(reward), device=self.device) < real).float()
-            correct, has_ref = self.reference_matches(generation.prompts, generation.responses)
-            rows = torch.stack([reward, generation.response_mask.sum(1).float(),
-                                generation.has_eos.float(), correct, has_ref.float(),
-                                torch.ones_like(reward)])
-            sums += (rows * counted).sum(1)
-        self.eval_responses = [r for g in generations for r in g.responses][:real]
+            reward = self.rewards_of(rollout.prompts, rollout.responses)
+        correct, has_ref = self.reference_matches(rollout.prompts, rollout.responses)
+        counted = (torch.arange(len(prompts), device=self.device) < real).float()   # not the padding
+        rows = torch.stack([reward, rollout.response_mask.sum(1).float(), rollout.has_eos.float(),
+                            correct, has_ref.float(), torch.ones_like(reward)])
+        sums = (rows * counted).sum(1)               # reward, length, eos, correct, has_ref, count
+        self.eval_responses = rollout.responses[:real]
         self.eval_samples = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in
-                             zip(prompts[:real], generations[0].responses, rewards[0])
+                             zip(prompts[:real], rollout.responses, reward)
                              ][:self.cfg.NUM_SAMPLES_TO_LOG]
         reward, length, eos, correct, has_ref, count = self.backend.all_sum(sums).tolist()
         metrics = {"reward": reward / count, "response_length": length / count,
@@ -1461,32 +1455,17 @@ class PPOTrainer:
 
     # -- tokens the hooks rely on ------------------------------------------------------------------
     def prepare_prompts(self, prompts: Sequence[str]) -> None:
-        """Tokenize prompts once into self.prompt_ids: the content inside the chat template (or
-        after the tokenizer's BOS), and when that is longer than MAX_PROMPT_LENGTH the content is
-        cut from the left, so BOS and the template's header survive. What the policy then sees is
-        kept for the reward model: self.prompt_texts (as rendered) and self.prompt_contents (the
-        content)."""
+        """Tokenize new prompts once (fit_prompts): self.prompt_ids, and what the policy then
+        sees for the reward model, self.prompt_texts (as rendered) and self.prompt_contents."""
         new = [p for p in dict.fromkeys(prompts) if p not in self.prompt_ids]
         if not new:
             return
-        tok, template = self.tokenizer, self.cfg.USE_CHAT_TEMPLATE
-        limit, too_long = self.cfg.MAX_PROMPT_LENGTH, 0
-        for prompt, (ids, text) in zip(new, encode_prompts(tok, new, template)):
-            content = prompt
-            if len(ids) > limit:
-                too_long += 1
-                content_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-                keep = len(content_ids) - (len(ids) - limit)      # the template's tokens stay
-                # re-encoding may merge differently
-                while len(ids) > limit and keep > 0:
-                    content = tok.decode(content_ids[-keep:], skip_special_tokens=True)
-                    (ids, text), keep = encode_prompts(tok, [content], template)[0], keep - 1
-                if len(ids) > limit:
-                    raise ConfigError(f"MAX_PROMPT_LENGTH = {limit} leaves no room for a prompt: "
-                                      "the chat template and special tokens alone take "
-                                      f"{len(ids)} tokens.")
+        limit = self.cfg.MAX_PROMPT_LENGTH
+        fitted = fit_prompts(self.tokenizer, new, self.cfg.USE_CHAT_TEMPLATE, limit)
+        for prompt, (ids, text, content) in zip(new, fitted):
             self.prompt_ids[prompt], self.prompt_texts[prompt] = ids, text
             self.prompt_contents[prompt] = content
+        too_long = sum(content != prompt for prompt, (_, _, content) in zip(new, fitted))
         if too_long:
             logger.warning(f"{too_long} of {len(new)} prompts are longer than MAX_PROMPT_LENGTH = "
                            f"{limit} tokens; their content keeps its last tokens (the chat "
@@ -1615,6 +1594,28 @@ def reward_input_limit(tokenizer, model: nn.Module) -> Optional[int]:
     return min(limits) if limits else None
 
 
+def fit_prompts(tokenizer, prompts: List[str], use_template: bool,
+                limit: int) -> List[Tuple[List[int], str, str]]:
+    """(ids, text, content) the policy conditions on for each prompt: its content inside the chat
+    template (or after the tokenizer's BOS); a prompt longer than `limit` tokens keeps the end of
+    its content, so BOS and the template's header survive."""
+    fitted = []
+    for prompt, (ids, text) in zip(prompts, encode_prompts(tokenizer, prompts, use_template)):
+        content = prompt
+        if len(ids) > limit:
+            content_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            keep = len(content_ids) - (len(ids) - limit)      # the template's tokens stay
+            # re-encoding may merge differently
+            while len(ids) > limit and keep > 0:
+                content = tokenizer.decode(content_ids[-keep:], skip_special_tokens=True)
+                (ids, text), keep = encode_prompts(tokenizer, [content], use_template)[0], keep - 1
+            if len(ids) > limit:
+                raise ConfigError(f"MAX_PROMPT_LENGTH = {limit} leaves no room for a prompt: the "
+                                  f"chat template and special tokens alone take {len(ids)} tokens.")
+        fitted.append((ids, text, content))
+    return fitted
+
+
 def template_turn_end(tokenizer) -> Optional[int]:
     """The special token the chat template writes right after an assistant's message (<|im_end|>,
     <|eot_id|>, <end_of_turn>, ...), or None: a base model with a chat template may have another
@@ -1654,18 +1655,18 @@ def last_number(text: str) -> Optional[float]:
     return float(numbers[-1].replace(",", "")) if numbers else None
 
 
+ANSWER_RULES = {  # ANSWER_MATCH: (response, the dataset's reference) -> whether the answer is right
+    # the last numbers agree (GSM8K's "#### 72" and "... the answer is 72." match)
+    "last_number": lambda response, reference: (
+        last_number(response) is not None and last_number(response) == last_number(reference)),
+    "exact": lambda response, reference: response.split() == reference.split(),  # up to spaces
+    "contains": lambda response, reference: reference.strip() in response,
+}
+
+
 def answer_matches(response: str, reference: str, rule: str) -> bool:
-    """The accuracy / reference-reward rule. "last_number": the last numbers agree (GSM8K's
-    "#### 72" and "... the answer is 72." match); "exact": equal up to whitespace; "contains":
-    reference in response."""
-    if rule == "last_number":
-        got = last_number(response)
-        return got is not None and got == last_number(reference)
-    if rule == "exact":
-        return response.split() == reference.split()
-    if rule == "contains":
-        return reference.strip() in response
-    raise ValueError(f"unknown ANSWER_MATCH rule {rule!r}")
+    """The accuracy / reference-reward rule ANSWER_RULES[rule]."""
+    return ANSWER_RULES[rule](response, reference)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1681,17 +1682,21 @@ def learning_rates(state, plan, cfg) -> Tuple[float, float]:
     return cfg.LEARNING_RATE * factor, cfg.CRITIC_LEARNING_RATE * factor
 
 
+LR_SCHEDULES = {  # LR_SCHEDULER_TYPE: progress in [0, 1] after warmup -> factor of the base rate
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "linear": lambda progress: 1.0 - progress,
+    "constant": lambda progress: 1.0,
+    "plateau": lambda progress: 1.0,            # scaled on evaluation instead (track_eval)
+}
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
     """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then the
-    schedule."""
+    schedule LR_SCHEDULES[kind]."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if kind == "linear":
-        return 1.0 - progress
-    return 1.0                                 # "constant", and "plateau" (scaled on evaluation)
+    return LR_SCHEDULES[kind](progress)
 
 
 def update_metrics(sums: Dict[str, torch.Tensor], norms: torch.Tensor, epochs: int,
@@ -1769,12 +1774,6 @@ def track_eval(state: TrainState, value: float, cfg: Config) -> Tuple[TrainState
     stop = (bool(cfg.EARLY_STOPPING_PATIENCE) and
             s.evals_without_improvement >= cfg.EARLY_STOPPING_PATIENCE)
     return s, improved, stop
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
@@ -1967,12 +1966,6 @@ class Backend:
     def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, "sum") if self.world > 1 else tensor
 
-    def mean_var(self, x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Masked mean and variance over the valid entries of all processes (exact two-pass)."""
-        total, count = self.all_sum(torch.stack([masked_sum(x, mask), mask.sum().to(x.dtype)]))
-        mean = total / count.clamp(min=1)
-        return mean, self.all_sum(masked_sum((x - mean) ** 2, mask)) / (count - 1).clamp(min=1)
-
     def mean_metrics(self, metrics: Dict[str, torch.Tensor]) -> Dict[str, float]:
         """Every metric averaged over the processes that have a finite value of it (NaN where none
         has), in one transfer to the host. The names are agreed first, so a key one process lacks is
@@ -2084,16 +2077,11 @@ class DeepSpeedBackend(Backend):
 # ---------------------------------------------------------------------------------------------
 # 9. Configuration loading and checks: constants < JSON/YAML file < --NAME=value < PPOTrainer(**kw)
 # ---------------------------------------------------------------------------------------------
-CHOICES = {
-    "LR_SCHEDULER_TYPE": ("cosine", "linear", "constant", "plateau"),
-    "KL_ESTIMATOR": ("k1", "k2", "k3"),
-    "POLICY_LOSS": ("ppo", "gspo", "cispo"),
-    "LOSS_AGGREGATION": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                         "seq-mean-token-sum-norm"),
-    "ANSWER_MATCH": ("last_number", "exact", "contains"),
-    "DEVICE": ("auto", "cpu"),
-    "MIXED_PRECISION": ("auto", "bf16", "fp16", "no"),
-    "ADVANTAGE_ESTIMATOR": ("gae", "grpo", "dr_grpo", "rloo", "reinforce++"),
+CHOICES = {  # the string settings: the names of their tables, or the values the backend knows
+    "LR_SCHEDULER_TYPE": tuple(LR_SCHEDULES), "KL_ESTIMATOR": tuple(KL_ESTIMATORS),
+    "POLICY_LOSS": tuple(POLICY_LOSSES), "LOSS_AGGREGATION": tuple(LOSS_AGGREGATIONS),
+    "ANSWER_MATCH": tuple(ANSWER_RULES), "ADVANTAGE_ESTIMATOR": tuple(ADVANTAGE_ESTIMATORS),
+    "DEVICE": ("auto", "cpu"), "MIXED_PRECISION": ("auto", "bf16", "fp16", "no"),
 }
 MODEL_KEYS = ("ACTOR_MODEL", "CRITIC_MODEL", "REWARD_MODEL")
 STRUCTURE_KEYS = MODEL_KEYS + ("ADVANTAGE_ESTIMATOR", "USE_LORA", "LORA_R", "LORA_TARGET_MODULES")
@@ -2202,89 +2190,76 @@ def parse_args(argv: Sequence[str]) -> Config:
     return cfg
 
 
+POSITIVE, NON_NEGATIVE, UNIT = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (
+    lambda v: 0 <= v <= 1, "in [0, 1]")
+OPTIONAL_CLIP = (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                         and v > 0), "a number > 0, or None for CLIP_RANGE")
+BOUNDS = {  # each setting's own range: NAME -> (whether a value is in it, the range in words)
+    **dict.fromkeys(("BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "NUM_MINI_BATCHES", "GROUP_SIZE",
+                     "NUM_EPOCHES", "GROUP_EPOCHES", "MAX_NEW_TOKENS", "MAX_PROMPT_LENGTH",
+                     "LEARNING_RATE", "CRITIC_LEARNING_RATE", "TEMPERATURE", "CLIP_RANGE",
+                     "CLIP_RANGE_VALUE", "MAX_GRAD_NORM", "MAX_CONSECUTIVE_SKIPS"), POSITIVE),
+    **dict.fromkeys(("MAX_STEPS", "MAX_TRAIN_SAMPLES", "MAX_EVAL_SAMPLES", "WEIGHT_DECAY",
+                     "WARMUP_STEPS", "VALUE_LOSS_COEF", "ENTROPY_COEF", "KL_COEF", "KL_LOSS_COEF",
+                     "MISSING_EOS_PENALTY", "REWARD_CLIP", "TARGET_KL", "EVAL_EVERY_N_STEPS",
+                     "SAVE_EVERY_N_STEPS", "SAVE_TOTAL_LIMIT", "EARLY_STOPPING_PATIENCE",
+                     "NUM_SAMPLES_TO_LOG", "ADAPTIVE_KL_HORIZON", "OVERLONG_PENALTY"),
+                    NON_NEGATIVE),
+    "GAMMA": UNIT, "LAM": UNIT, "PLATEAU_FACTOR": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "CLIP_RANGE_LOW": OPTIONAL_CLIP, "CLIP_RANGE_HIGH": OPTIONAL_CLIP,
+    "DUAL_CLIP": (lambda v: v == 0 or v > 1, "> 1 (3.0 is usual), or 0 for off"),
+    "LORA_R": (lambda v: v >= 1, ">= 1"),
+}
+GROUP_ONLY = "'grpo', 'dr_grpo' or 'rloo'"
+RULES = [  # settings that cannot work together: (whether the settings break the rule, the message)
+    (lambda c: not c.TRAIN_DATASETS,
+     "TRAIN_DATASETS is empty: give at least one dataset of prompts."),
+    *[(lambda c, name=name: not (isinstance(c[name], list) and
+                                 all(isinstance(spec, dict) for spec in c[name])),
+       name + ' must be a list of {{"path", "type", "input", "output"}} objects.')
+      for name in ("TRAIN_DATASETS", "EVAL_DATASETS")],
+    (lambda c: not (isinstance(c.STOP_TOKENS, list) and
+                    all(isinstance(token, str) for token in c.STOP_TOKENS)),
+     'STOP_TOKENS must be a list of token strings, e.g. ["<|im_end|>"].'),
+    (lambda c: c.ADVANTAGE_ESTIMATOR in GROUP_ESTIMATORS and c.GROUP_SIZE < 2,
+     "ADVANTAGE_ESTIMATOR = {ADVANTAGE_ESTIMATOR!r} compares the responses to one prompt: set "
+     "GROUP_SIZE >= 2 (4 to 16 is usual)."),
+    (lambda c: c.POLICY_LOSS == "gspo" and c.ADVANTAGE_ESTIMATOR not in GROUP_ESTIMATORS,
+     "POLICY_LOSS = 'gspo' weighs whole sequences by one ratio, so it needs one advantage per "
+     "sequence: ADVANTAGE_ESTIMATOR = {ADVANTAGE_ESTIMATOR!r} gives one per token; use "
+     + GROUP_ONLY + "."),
+    (lambda c: c.POLICY_LOSS == "gspo" and c.LOSS_AGGREGATION != "seq-mean-token-mean",
+     "POLICY_LOSS = 'gspo' is defined as a mean over sequences of the sequence ratio: set "
+     "LOSS_AGGREGATION = 'seq-mean-token-mean' (now {LOSS_AGGREGATION!r})."),
+    (lambda c: c.POLICY_LOSS == "cispo" and c.DUAL_CLIP,
+     "DUAL_CLIP bounds PPO's clipped surrogate; POLICY_LOSS = 'cispo' has none (its weight is "
+     "already clipped): set DUAL_CLIP = 0."),
+    (lambda c: c.KL_IN_LOSS and c.ADAPTIVE_KL,
+     "ADAPTIVE_KL steers the reward's KL coefficient, and KL_IN_LOSS takes the KL out of the "
+     "reward: turn one of them off."),
+    (lambda c: c.DYNAMIC_SAMPLING and c.ADVANTAGE_ESTIMATOR not in GROUP_ESTIMATORS,
+     "DYNAMIC_SAMPLING drops groups whose responses all scored the same, which carry no signal "
+     "only for a group baseline: ADVANTAGE_ESTIMATOR = {ADVANTAGE_ESTIMATOR!r}; use "
+     + GROUP_ONLY + "."),
+    (lambda c: c.DYNAMIC_SAMPLING and c.KL_COEF and not c.KL_IN_LOSS,
+     "DYNAMIC_SAMPLING drops groups whose scores are all equal, but with the KL in the reward "
+     "(KL_COEF = {KL_COEF}) their advantages are not zero: set KL_COEF = 0 (DAPO has no KL) or "
+     "KL_IN_LOSS = True."),
+    (lambda c: not 0 <= c.OVERLONG_BUFFER <= c.MAX_NEW_TOKENS,
+     "OVERLONG_BUFFER = {OVERLONG_BUFFER!r} must be in [0, MAX_NEW_TOKENS = {MAX_NEW_TOKENS}]."),
+]
+
+
 def validate_config(cfg: Config) -> None:
-    """Check ranges and consistency once, before any model is loaded."""
-    problems = []
-    for name, choices in CHOICES.items():
-        if cfg[name] not in choices:
-            problems.append(f"{name} = {cfg[name]!r} must be one of "
-                            f"{', '.join(map(repr, choices))}.")
-    positive = ("BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "NUM_MINI_BATCHES", "GROUP_SIZE",
-                "NUM_EPOCHES", "GROUP_EPOCHES", "MAX_NEW_TOKENS", "MAX_PROMPT_LENGTH",
-                "LEARNING_RATE", "CRITIC_LEARNING_RATE", "TEMPERATURE", "CLIP_RANGE",
-                "CLIP_RANGE_VALUE", "MAX_GRAD_NORM", "MAX_CONSECUTIVE_SKIPS")
-    problems += [f"{n} = {cfg[n]!r} must be > 0." for n in positive if not cfg[n] > 0]
-    non_negative = ("MAX_STEPS", "MAX_TRAIN_SAMPLES", "MAX_EVAL_SAMPLES", "WEIGHT_DECAY",
-                    "WARMUP_STEPS", "VALUE_LOSS_COEF", "ENTROPY_COEF", "KL_COEF",
-                    "MISSING_EOS_PENALTY", "REWARD_CLIP", "TARGET_KL", "EVAL_EVERY_N_STEPS",
-                    "SAVE_EVERY_N_STEPS", "SAVE_TOTAL_LIMIT", "EARLY_STOPPING_PATIENCE",
-                    "NUM_SAMPLES_TO_LOG", "ADAPTIVE_KL_HORIZON")
-    problems += [f"{n} = {cfg[n]!r} must be >= 0." for n in non_negative if not cfg[n] >= 0]
-    problems += [f"{n} = {cfg[n]!r} must be in [0, 1]." for n in ("GAMMA", "LAM")
-                 if not 0 <= cfg[n] <= 1]
-    if not 0 < cfg.PLATEAU_FACTOR < 1:
-        problems.append(f"PLATEAU_FACTOR = {cfg.PLATEAU_FACTOR!r} must be in (0, 1).")
-    for name in ("TRAIN_DATASETS", "EVAL_DATASETS"):
-        if not isinstance(cfg[name], list) or not all(isinstance(s, dict) for s in cfg[name]):
-            problems.append(f'{name} must be a list of '
-                            '{"path", "type", "input", "output"} objects.')
-    if cfg.ADVANTAGE_ESTIMATOR in GROUP_ESTIMATORS and cfg.GROUP_SIZE < 2:
-        problems.append(f"ADVANTAGE_ESTIMATOR = {cfg.ADVANTAGE_ESTIMATOR!r} compares the responses "
-                        "to one prompt: set GROUP_SIZE >= 2 (4 to 16 is usual).")
-    problems += policy_loss_problems(cfg)
-    if cfg.USE_LORA and cfg.LORA_R < 1:
-        problems.append(f"LORA_R = {cfg.LORA_R} must be >= 1.")
-    if not cfg.TRAIN_DATASETS:
-        problems.append("TRAIN_DATASETS is empty: give at least one dataset of prompts.")
-    if (not isinstance(cfg.STOP_TOKENS, list) or
-            not all(isinstance(t, str) for t in cfg.STOP_TOKENS)):
-        problems.append('STOP_TOKENS must be a list of token strings, e.g. ["<|im_end|>"].')
+    """Check every setting against CHOICES and BOUNDS, and the settings against RULES, once,
+    before any model is loaded: one error that lists every problem."""
+    problems = [f"{name} = {cfg[name]!r} must be one of {', '.join(map(repr, choices))}."
+                for name, choices in CHOICES.items() if cfg[name] not in choices]
+    problems += [f"{name} = {cfg[name]!r} must be {words}."
+                 for name, (in_range, words) in BOUNDS.items() if not in_range(cfg[name])]
+    problems += [message.format_map(cfg) for broken, message in RULES if broken(cfg)]
     if problems:
         raise ConfigError("Invalid settings:\n  " + "\n  ".join(problems))
-
-
-def policy_loss_problems(cfg: Config) -> List[str]:
-    """The settings of the policy-gradient variants that cannot work together."""
-    problems = []
-    for name in ("CLIP_RANGE_LOW", "CLIP_RANGE_HIGH"):
-        value = cfg[name]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not value > 0):
-            problems.append(f"{name} = {value!r} must be a number > 0, or None for CLIP_RANGE.")
-    if cfg.DUAL_CLIP != 0 and not cfg.DUAL_CLIP > 1:
-        problems.append(f"DUAL_CLIP = {cfg.DUAL_CLIP!r} must be > 1 (3.0 is usual), or 0 for off.")
-    if cfg.POLICY_LOSS == "gspo":
-        if cfg.ADVANTAGE_ESTIMATOR not in GROUP_ESTIMATORS:
-            problems.append("POLICY_LOSS = 'gspo' weighs whole sequences by one ratio, so it "
-                            f"needs one advantage per sequence: ADVANTAGE_ESTIMATOR = "
-                            f"{cfg.ADVANTAGE_ESTIMATOR!r} gives one per token; use 'grpo', "
-                            "'dr_grpo' or 'rloo'.")
-        if cfg.LOSS_AGGREGATION != "seq-mean-token-mean":
-            problems.append(f"POLICY_LOSS = 'gspo' is defined as a mean over sequences of the "
-                            f"sequence ratio: set LOSS_AGGREGATION = 'seq-mean-token-mean' (now "
-                            f"{cfg.LOSS_AGGREGATION!r}).")
-    if cfg.POLICY_LOSS == "cispo" and cfg.DUAL_CLIP:
-        problems.append("DUAL_CLIP bounds PPO's clipped surrogate; POLICY_LOSS = 'cispo' has none "
-                        "(its weight is already clipped): set DUAL_CLIP = 0.")
-    if cfg.KL_IN_LOSS and cfg.ADAPTIVE_KL:
-        problems.append("ADAPTIVE_KL steers the reward's KL coefficient, and KL_IN_LOSS takes the "
-                        "KL out of the reward: turn one of them off.")
-    if not cfg.KL_LOSS_COEF >= 0:
-        problems.append(f"KL_LOSS_COEF = {cfg.KL_LOSS_COEF!r} must be >= 0.")
-    if cfg.DYNAMIC_SAMPLING and cfg.ADVANTAGE_ESTIMATOR not in GROUP_ESTIMATORS:
-        problems.append(f"DYNAMIC_SAMPLING drops groups whose responses all scored the same, which "
-                        "carry no signal only for a group baseline: ADVANTAGE_ESTIMATOR = "
-                        f"{cfg.ADVANTAGE_ESTIMATOR!r}; use 'grpo', 'dr_grpo' or 'rloo'.")
-    if cfg.DYNAMIC_SAMPLING and cfg.KL_COEF and not cfg.KL_IN_LOSS:
-        problems.append("DYNAMIC_SAMPLING drops groups whose scores are all equal, but with the "
-                        f"KL in the reward (KL_COEF = {cfg.KL_COEF}) their advantages are not "
-                        "zero: set KL_COEF = 0 (DAPO has no KL) or KL_IN_LOSS = True.")
-    if not 0 <= cfg.OVERLONG_BUFFER <= cfg.MAX_NEW_TOKENS:
-        problems.append(f"OVERLONG_BUFFER = {cfg.OVERLONG_BUFFER!r} must be in [0, MAX_NEW_TOKENS "
-                        f"= {cfg.MAX_NEW_TOKENS}].")
-    if not cfg.OVERLONG_PENALTY >= 0:
-        problems.append(f"OVERLONG_PENALTY = {cfg.OVERLONG_PENALTY!r} must be >= 0.")
-    return problems
 
 
 def describe_objective(cfg: Config) -> str:

@@ -271,7 +271,7 @@ def bare_compute(trainer, prompts):
     queries = [trainer.prompt_ids[p] for p in prompts]
     gen = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=temp, max_new_tokens=cfg.MAX_NEW_TOKENS,
                            eos_token_id=trainer.stop_ids.tolist(), pad_token_id=pad, use_cache=True)
-    inputs = [ppo.pad_left(queries[s:s + chunk], pad) for s in range(0, len(queries), chunk)]
+    inputs = [ppo.pad(queries[s:s + chunk], pad, "left") for s in range(0, len(queries), chunk)]
     inputs = [(ids.to(dev), mask.long().to(dev)) for ids, mask in inputs]
     times, policy = {}, trainer.policy.eval()
     start = clock(dev)
@@ -288,7 +288,7 @@ def bare_compute(trainer, prompts):
         has_eos += has_stop.tolist()
     texts = trainer.tokenizer.batch_decode([r[:-1] if e else r for r, e in zip(responses, has_eos)],
                                            skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    (q, qm), (r, rm) = ppo.pad_left(queries, pad), ppo.pad_right(responses, pad)
+    (q, qm), (r, rm) = ppo.pad(queries, pad, "left"), ppo.pad(responses, pad, "right")
     rollout = ppo.Rollout(prompts, q.to(dev), qm.to(dev), r.to(dev), rm.to(dev), texts, torch.tensor(has_eos))
 
     def tensors(idx):

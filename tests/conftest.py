@@ -69,6 +69,12 @@ def high_entropy_policy(folder: Path, seed: int) -> str:
     return save_model(policy, tok, folder)
 
 
+def aggregated(loss, mask, mode, max_new_tokens):
+    """LOSS_AGGREGATION of per-token losses over one whole minibatch, from ppo's two halves (the
+    numerator and the denominator that ppo_loss sums over micro-batches and processes)."""
+    return ppo.aggregate_sum(loss, mask, mode) / ppo.aggregate_count(mask, mode, max_new_tokens).clamp(min=1)
+
+
 def problems(n, seed):
     import random
     rng = random.Random(seed)

@@ -577,14 +577,14 @@ def test_non_finite_reward_skips_the_step_untouched(bad, tiny, tmp_path, capsys,
         assert "lr" in changed and "optimizer_steps" in changed and any(c.startswith("policy.") for c in changed)
     assert a3["optimizer_steps"] == 2 * settings["GROUP_EPOCHES"]
     assert [m["ppo/skipped_optimizer_steps"] for m in (m1, m2, m3)] == [0, settings["GROUP_EPOCHES"], 0]
-    assert trainer.state.skipped_steps == 1 and trainer.state.consecutive_skips == 0
+    assert trainer.state.consecutive_skips == 0
     rows = read_rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["ppo/skipped_optimizer_steps"] for r in rows] == [0, settings["GROUP_EPOCHES"], 0]
     assert "step 2: NaN / inf in the scores" in err and "skipped" in err
     assert "step 2: NaN / inf in the scores" in training_log_text(out)
     assert ppo.list_checkpoints(out) == [(s, checkpoint(out, s)) for s in (1, 2, 3)]
-    assert torch.load(checkpoint(out, 3) / "training_state.pt", weights_only=True)["state"]["skipped_steps"] == 1
+    assert torch.load(checkpoint(out, 3) / "training_state.pt", weights_only=True)["state"]["consecutive_skips"] == 0
     assert non_finite_tensors(out / "checkpoints") == []
 
 
@@ -602,7 +602,7 @@ def test_repeated_non_finite_rewards_stop_the_run(tiny, tmp_path, capsys, monkey
     assert_words(err, ["2 steps in a row", "NaN / inf", "MAX_CONSECUTIVE_SKIPS = 2", "LEARNING_RATE",
                        "MAX_GRAD_NORM"])
     trainer = cls.instances[-1]
-    assert trainer.state.skipped_steps == 2 and trainer.state.consecutive_skips == 2
+    assert trainer.state.consecutive_skips == 2
     assert tree_digest(checkpoint(out, 1)) == before
     assert ppo.list_checkpoints(out) == [(s, checkpoint(out, s)) for s in (1, 2, 3)]
     for part in ("policy", "critic"):        # step 3 was skipped: its checkpoint holds step 2's weights exactly
@@ -647,7 +647,7 @@ def test_nan_gradient_skips_that_optimizer_step(tiny, tmp_path, capsys, monkeypa
     assert differences(before, after) == [], "a NaN gradient changed weights, optimizer state or the lr schedule"
     assert trainer.state.optimizer_steps == 3                           # 4 optimizer steps, one skipped
     assert [m["ppo/skipped_optimizer_steps"] for _, _, m in trainer.steps] == [1, 0]
-    assert trainer.state.skipped_steps == 1 and trainer.state.consecutive_skips == 0
+    assert trainer.state.consecutive_skips == 0
     assert [r["ppo/skipped_optimizer_steps"] for r in read_rows(out)] == [1, 0]
     assert "step 1: non-finite gradient" in err and "optimizer step skipped" in err
     for name, value in trainer.policy.state_dict().items():

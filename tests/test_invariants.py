@@ -138,7 +138,7 @@ def test_sampling_ignores_the_models_generation_filters(tiny, tmp_path, make_tra
     trainer = make_trainer(ACTOR_MODEL=str(tmp_path / "hostile"), TEMPERATURE=0.7)
     config = trainer.generation_config(True, 6)
     config.output_scores = config.output_logits = config.return_dict_in_generate = True
-    ids, mask = ppo.pad_left([trainer.prompt_ids.get(p) or trainer.tokenizer(p)["input_ids"] for p in PROMPTS], 0)
+    ids, mask = ppo.pad([trainer.prompt_ids.get(p) or trainer.tokenizer(p)["input_ids"] for p in PROMPTS], 0, "left")
     out = trainer.policy.eval().generate(input_ids=ids, attention_mask=mask.long(), generation_config=config)
     for scores, logits in zip(out.scores, out.logits):
         torch.testing.assert_close(scores, logits / 0.7)

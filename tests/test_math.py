@@ -1,4 +1,4 @@
-"""Tests of the pure PPO math of ppo.py (section "4. PPO math").
+"""Tests of the pure PPO math of ppo.py (section "3. PPO math and its variants").
 
 Every shipped function is compared with a slow reference written here from the formula it
 implements (plain Python loops over sequences and tokens, the math / statistics modules, or
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import aggregated
 from torch.testing import assert_close
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -157,7 +158,7 @@ def test_clipped_policy_loss_value_flags_and_gradient(clip_range, shape):
     direction where clipping does not bind)."""
     logprobs, old, advantages = policy_inputs(10 + shape[0] * shape[1], shape)
     leaf = logprobs.clone().requires_grad_(True)
-    loss, clipped = ppo.clipped_policy_loss(leaf, old, advantages, clip_range)
+    loss, clipped = ppo.clipped_policy_loss(leaf, old, advantages, None, clip_range, clip_range)
     (grad,) = torch.autograd.grad(loss.sum(), leaf)
 
     ref = [policy_reference(lp, o, a, clip_range)
@@ -193,7 +194,7 @@ def test_clipped_policy_loss_ratio_one_gradient_is_minus_advantage():
     old = torch.randn(4, 6, generator=g, dtype=torch.float64) - 2
     advantages = torch.randn(4, 6, generator=g, dtype=torch.float64)
     leaf = old.clone().requires_grad_(True)
-    loss, clipped = ppo.clipped_policy_loss(leaf, old, advantages, 0.2)
+    loss, clipped = ppo.clipped_policy_loss(leaf, old, advantages, None, 0.2, 0.2)
     (grad,) = torch.autograd.grad(loss.sum(), leaf)
     assert_close(loss, -advantages)
     assert not clipped.any()
@@ -323,9 +324,8 @@ def test_kl_penalty_monte_carlo_estimates_true_kl(estimator, seed):
 
 
 def test_kl_penalty_rejects_unknown_estimator():
-    x = torch.zeros(2, 3)
-    with pytest.raises(ValueError):
-        ppo.kl_penalty(x, x, "k4")
+    with pytest.raises(ppo.ConfigError, match="KL_ESTIMATOR = 'k4' must be one of 'k1', 'k2', 'k3'"):
+        ppo.validate_config(ppo.make_config({"KL_ESTIMATOR": "k4"}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,40 +374,53 @@ def test_masked_mean_along_a_dimension():
     assert_close(out, torch.tensor(expected, dtype=torch.float64))
 
 
-def whiten_reference(x, mask, mean, var, shift_mean, eps=1e-8):
+def whiten_reference(x, mask, mean, var, eps=1e-8):
     out = torch.zeros_like(x, dtype=torch.float64).view(-1)
     for i, (v, m) in enumerate(zip(x.reshape(-1).tolist(), mask.reshape(-1).tolist())):
         if m:
-            out[i] = (v - mean) / math.sqrt(var + eps) + (0.0 if shift_mean else mean)
+            out[i] = (v - mean) / math.sqrt(var + eps)
     return out.view(x.shape)
 
 
-@pytest.mark.parametrize("shift_mean", [True, False])
 @pytest.mark.parametrize("shape", MOMENT_SHAPES)
-def test_masked_whiten_against_reference(shift_mean, shape):
-    """(x - mean) / sqrt(var + eps) over the valid entries (mean added back when shift_mean=False),
-    padding exactly 0; with shift_mean the valid entries end with mean 0 and unbiased variance ~1."""
+def test_masked_whiten_against_reference(shape):
+    """(x - mean) / sqrt(var + eps) over the valid entries, padding exactly 0; the valid entries
+    end with mean 0 and unbiased variance ~1."""
     x, mask = moment_inputs(40 + shape[-1], shape)
     valid = valid_entries(x, mask)
-    out = ppo.masked_whiten(x, mask, shift_mean=shift_mean)
-    expected = whiten_reference(x, mask, statistics.fmean(valid), statistics.variance(valid), shift_mean)
+    out = ppo.masked_whiten(x, mask)
+    expected = whiten_reference(x, mask, statistics.fmean(valid), statistics.variance(valid))
     assert_close(out, expected)
     assert (out[~mask] == 0).all()
-    if shift_mean and len(valid) > 2:
+    if len(valid) > 2:
         whitened = valid_entries(out, mask)
         assert abs(statistics.fmean(whitened)) < 1e-9
         assert abs(statistics.variance(whitened) - 1) < 1e-6
 
 
-@pytest.mark.parametrize("shift_mean", [True, False])
-def test_masked_whiten_uses_given_mean_and_var(shift_mean):
+def test_masked_whiten_uses_given_mean_and_var():
     """Explicit mean / var (e.g. gathered from all processes) replace the local moments."""
     x, mask = moment_inputs(9, (4, 7))
     mean, var = torch.tensor(0.75, dtype=torch.float64), torch.tensor(2.5, dtype=torch.float64)
-    out = ppo.masked_whiten(x, mask, mean, var, shift_mean=shift_mean)
-    assert_close(out, whiten_reference(x, mask, 0.75, 2.5, shift_mean))
-    local = ppo.masked_whiten(x, mask, shift_mean=shift_mean)
+    out = ppo.masked_whiten(x, mask, mean, var)
+    assert_close(out, whiten_reference(x, mask, 0.75, 2.5))
+    local = ppo.masked_whiten(x, mask)
     assert not torch.allclose(out, local)
+
+
+@pytest.mark.parametrize("shape", MOMENT_SHAPES)
+def test_masked_mean_var_against_reference(shape):
+    """masked_mean_var is the mean and the Bessel-corrected variance of the valid entries; all_sum
+    sees exactly the two sums it must add over processes (here a recorder that adds nothing)."""
+    x, mask = moment_inputs(70 + shape[-1], shape)
+    valid = valid_entries(x, mask)
+    seen = []
+    mean, var = ppo.masked_mean_var(x, mask, lambda t: seen.append(t.clone()) or t)
+    assert_close(mean, torch.tensor(statistics.fmean(valid), dtype=torch.float64))
+    if len(valid) > 1:
+        assert_close(var, torch.tensor(statistics.variance(valid), dtype=torch.float64))
+    assert_close(seen[0], torch.tensor([sum(valid), len(valid)], dtype=torch.float64))
+    assert len(seen) == 2
 
 
 def test_nan_in_padding_does_not_leak():
@@ -421,10 +434,9 @@ def test_nan_in_padding_does_not_leak():
     assert_close(ppo.masked_mean(dirty, mask), ppo.masked_mean(clean, mask), rtol=0, atol=0)
     assert_close(ppo.masked_mean(dirty, mask, dim=1), ppo.masked_mean(clean, mask, dim=1), rtol=0, atol=0)
     assert_close(ppo.masked_var(dirty, mask), ppo.masked_var(clean, mask), rtol=0, atol=0)
-    for shift in (True, False):
-        out = ppo.masked_whiten(dirty, mask, shift_mean=shift)
-        assert_close(out, ppo.masked_whiten(clean, mask, shift_mean=shift), rtol=0, atol=0)
-        assert (out[~mask] == 0).all()
+    out = ppo.masked_whiten(dirty, mask)
+    assert_close(out, ppo.masked_whiten(clean, mask), rtol=0, atol=0)
+    assert (out[~mask] == 0).all()
     values = torch.randn(4, 9, generator=gen(13), dtype=torch.float64)
     assert_close(ppo.explained_variance(fill_padding(values, mask, gen(14)), dirty, mask),
                  ppo.explained_variance(torch.where(mask, values, 0.0), clean, mask), rtol=0, atol=0)
@@ -739,8 +751,8 @@ def test_answer_matches(response, reference, rule, expected):
 
 
 def test_answer_matches_rejects_unknown_rule():
-    with pytest.raises(ValueError):
-        ppo.answer_matches("1", "1", "fuzzy")
+    with pytest.raises(ppo.ConfigError, match="ANSWER_MATCH = 'fuzzy' must be one of"):
+        ppo.validate_config(ppo.make_config({"ANSWER_MATCH": "fuzzy"}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -778,8 +790,8 @@ def test_group_advantages_are_per_group():
     shifted[4:8] += 100.0
     for estimator in ("grpo", "rloo"):
         assert_close(ppo.group_advantages(rewards, 4, estimator), ppo.group_advantages(shifted, 4, estimator))
-    with pytest.raises(ValueError):
-        ppo.group_advantages(rewards, 4, "ppo")
+    with pytest.raises(ppo.ConfigError, match="ADVANTAGE_ESTIMATOR = 'ppo' must be one of"):
+        ppo.validate_config(ppo.make_config({"ADVANTAGE_ESTIMATOR": "ppo"}))
 
 
 def test_logprobs_without_entropy():
@@ -955,7 +967,7 @@ def test_clipped_surrogate_asymmetric_and_dual_clip_against_reference():
     def check(batch, width, low, high, dual, seed):
         lp, old, adv = token_inputs(seed, (batch, width))
         leaf = lp.clone().requires_grad_(True)
-        loss, clipped = ppo.clipped_policy_loss(leaf, old, adv, low, high, dual)
+        loss, clipped = ppo.clipped_policy_loss(leaf, old, adv, None, low, high, dual)
         (grad,) = torch.autograd.grad(loss.sum(), leaf)
         ratio = torch.exp(lp - old).requires_grad_(True)
         s_loss, s_clipped = ppo.clipped_surrogate(ratio, adv, low, high, dual)
@@ -979,11 +991,14 @@ def test_clipped_surrogate_asymmetric_and_dual_clip_against_reference():
 
 
 def test_clipped_policy_loss_symmetric_by_default():
-    """clip_high=None means the symmetric range [1 - clip_range, 1 + clip_range]."""
+    """CLIP_RANGE_HIGH = None means the symmetric range [1 - CLIP_RANGE, 1 + CLIP_RANGE]."""
     lp, old, adv = token_inputs(5, (6, 10))
-    assert_close(ppo.clipped_policy_loss(lp, old, adv, 0.2)[0], ppo.clipped_policy_loss(lp, old, adv, 0.2, 0.2)[0])
-    assert not torch.allclose(ppo.clipped_policy_loss(lp, old, adv, 0.2, 0.4)[0],
-                              ppo.clipped_policy_loss(lp, old, adv, 0.2)[0])
+    mask = torch.ones(lp.shape, dtype=torch.bool)
+
+    def loss(**settings):
+        return ppo.policy_loss(lp, old, adv, mask, ppo.make_config({"CLIP_RANGE": 0.2, **settings}))[0]
+    assert_close(loss(), loss(CLIP_RANGE_HIGH=0.2))
+    assert not torch.allclose(loss(CLIP_RANGE_HIGH=0.4), loss())
 
 
 # -- GSPO -----------------------------------------------------------------------------------------
@@ -1005,7 +1020,7 @@ def test_gspo_sequence_ratio_loss_and_gradient_against_reference():
         lp, old, adv = (finite_garbage(x, mask, g) for x in (lp, old, adv))
         leaf = lp.clone().requires_grad_(True)
         loss, clipped = ppo.gspo_policy_loss(leaf, old, adv, mask, low, high, dual)
-        total = ppo.aggregate_loss(loss, mask, "seq-mean-token-mean", width)
+        total = aggregated(loss, mask, "seq-mean-token-mean", width)
         (grad,) = torch.autograd.grad(total, leaf)
 
         rows, ref_total, ref_grad = gspo_reference(lp.tolist(), old.tolist(), adv.tolist(), mask.tolist(),
@@ -1032,7 +1047,7 @@ def test_gspo_token_gradient_is_the_sequence_gradient_over_its_length():
     adv = torch.tensor([1.0, -2.0, 0.5, -0.3, 1.2], dtype=torch.float64)[:, None].expand(5, 8)
     lp, old = finite_garbage(lp, mask, g), finite_garbage(old, mask, g)
     leaf = lp.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(ppo.aggregate_loss(ppo.gspo_policy_loss(leaf, old, adv, mask, 0.3, 0.4)[0],
+    (grad,) = torch.autograd.grad(aggregated(ppo.gspo_policy_loss(leaf, old, adv, mask, 0.3, 0.4)[0],
                                                      mask, "seq-mean-token-mean", 8), leaf)
     ref_leaf = lp.clone().requires_grad_(True)
     losses = []
@@ -1056,7 +1071,7 @@ def test_cispo_loss_and_gradient_against_reference():
     def check(batch, width, low, high, seed):
         lp, old, adv = token_inputs(seed, (batch, width))
         leaf = lp.clone().requires_grad_(True)
-        loss, clipped = ppo.cispo_policy_loss(leaf, old, adv, low, high)
+        loss, clipped = ppo.cispo_policy_loss(leaf, old, adv, None, low, high)
         (grad,) = torch.autograd.grad(loss.sum(), leaf)
         refs = [cispo_reference(a, b, c, low, high) for a, b, c in zip(*flat(lp, old, adv))]
         ref_clipped = torch.tensor([r[1] != "inside" for r in refs]).view(lp.shape)
@@ -1092,9 +1107,9 @@ def test_policy_loss_dispatches_on_policy_loss(kind, low, high):
     cfg = ppo.make_config({"POLICY_LOSS": kind, "CLIP_RANGE": 0.2, "CLIP_RANGE_LOW": low,
                            "CLIP_RANGE_HIGH": high, "DUAL_CLIP": dual})
     lo, hi = 0.2 if low is None else low, 0.2 if high is None else high
-    expected = {"ppo": lambda: ppo.clipped_policy_loss(lp, old, adv, lo, hi, dual),
+    expected = {"ppo": lambda: ppo.clipped_policy_loss(lp, old, adv, mask, lo, hi, dual),
                 "gspo": lambda: ppo.gspo_policy_loss(lp, old, adv, mask, lo, hi, dual),
-                "cispo": lambda: ppo.cispo_policy_loss(lp, old, adv, lo, hi)}
+                "cispo": lambda: ppo.cispo_policy_loss(lp, old, adv, mask, lo, hi)}
     loss, clipped = ppo.policy_loss(lp, old, adv, mask, cfg)
     exp_loss, exp_clipped = expected[kind]()
     assert_close(torch.where(mask, loss, 0.0), torch.where(mask, exp_loss, 0.0))
@@ -1103,10 +1118,10 @@ def test_policy_loss_dispatches_on_policy_loss(kind, low, high):
         if other != kind:
             assert not torch.allclose(torch.where(mask, make()[0], 0.0), torch.where(mask, loss, 0.0))
     if kind == "ppo":                                    # DUAL_CLIP reaches the surrogate
-        assert not torch.allclose(loss, ppo.clipped_policy_loss(lp, old, adv, lo, hi)[0])
+        assert not torch.allclose(loss, ppo.clipped_policy_loss(lp, old, adv, mask, lo, hi)[0])
 
 
-# -- aggregate_sum / aggregate_count / aggregate_loss ---------------------------------------------
+# -- aggregate_sum / aggregate_count ------------------------------------------------------------
 def aggregation_inputs(seed, batch, width, density):
     """Per-token losses (float64, NaN / inf garbage in padding) and a random mask with empty rows."""
     g = gen(seed)
@@ -1122,11 +1137,11 @@ def aggregation_inputs(seed, batch, width, density):
 @given(batch=st.integers(1, 7), width=st.integers(1, 9), extra=st.integers(0, 5),
        density=st.floats(0.1, 1.0), mode=st.sampled_from(MODES), seed=SEEDS)
 def test_aggregate_loss_against_reference(batch, width, extra, density, mode, seed):
-    """aggregate_loss = its mode's definition, in value and in gradient w.r.t. the per-token losses
-    (0 on padding, empty rows not counted); aggregate_sum / aggregate_count are its two halves."""
+    """aggregate_sum / aggregate_count = its mode's definition, in value and in gradient w.r.t. the
+    per-token losses (0 on padding, empty rows not counted)."""
     loss, mask = aggregation_inputs(seed, batch, width, density)
     leaf = loss.clone().requires_grad_(True)
-    value = ppo.aggregate_loss(leaf, mask, mode, width + extra)
+    value = aggregated(leaf, mask, mode, width + extra)
     (grad,) = torch.autograd.grad(value, leaf)
     ref_value, ref_grad = aggregate_reference(loss.tolist(), mask.tolist(), mode, width + extra)
     assert_close(value, torch.tensor(ref_value, dtype=torch.float64))
@@ -1142,7 +1157,7 @@ def test_aggregate_loss_of_no_valid_token_is_zero():
     """A minibatch with no valid token aggregates to 0 (not NaN) in every mode."""
     loss = torch.full((3, 4), float("nan"), dtype=torch.float64)
     for mode in MODES:
-        assert ppo.aggregate_loss(loss, torch.zeros(3, 4, dtype=torch.bool), mode, 4).item() == 0.0
+        assert aggregated(loss, torch.zeros(3, 4, dtype=torch.bool), mode, 4).item() == 0.0
 
 
 @drawn(100)
@@ -1150,7 +1165,7 @@ def test_aggregate_loss_of_no_valid_token_is_zero():
        mode=st.sampled_from(MODES), seed=SEEDS, data=st.data())
 def test_aggregation_is_independent_of_the_micro_batch_split(batch, width, extra, density, mode, seed, data):
     """For any partition of the rows, sum of aggregate_sum / sum of aggregate_count over the parts is
-    the whole's aggregate_loss, in value and in gradient w.r.t. the per-token losses."""
+    the whole's, in value and in gradient w.r.t. the per-token losses."""
     loss, mask = aggregation_inputs(seed, batch, width, density)
     parts = draw_partition(data, batch)
     leaf = loss.clone().requires_grad_(True)
@@ -1158,7 +1173,7 @@ def test_aggregation_is_independent_of_the_micro_batch_split(batch, width, extra
              / sum(ppo.aggregate_count(mask[idx], mode, width + extra) for idx in parts))
     (grad,) = torch.autograd.grad(split, leaf)
     whole_leaf = loss.clone().requires_grad_(True)
-    whole = ppo.aggregate_loss(whole_leaf, mask, mode, width + extra)
+    whole = aggregated(whole_leaf, mask, mode, width + extra)
     (whole_grad,) = torch.autograd.grad(whole, whole_leaf)
     assert_close(split, whole)
     assert_close(grad, whole_grad)
@@ -1168,15 +1183,15 @@ def test_aggregation_is_independent_of_the_micro_batch_split(batch, width, extra
 @given(batch=st.integers(2, 8), width=st.integers(1, 8), density=st.floats(0.2, 1.0),
        mode=st.sampled_from(MODES), seed=SEEDS, data=st.data())
 def test_mean_of_micro_batch_losses_is_not_the_minibatch_loss(batch, width, density, mode, seed, data):
-    """The naive split (the mean of each part's own aggregate_loss) is wrong as soon as the parts'
+    """The naive split (the mean of each part's own aggregated loss) is wrong as soon as the parts'
     denominators differ (tokens for token-mean, sequences for the seq-mean modes): the global
     denominator of the split-independent form above is needed."""
     loss, mask = aggregation_inputs(seed, batch, width, density)
     parts = draw_partition(data, batch, min_parts=2)
     counts = [ppo.aggregate_count(mask[idx], mode, width).item() for idx in parts]
     assume(len(set(counts)) > 1)
-    naive = statistics.fmean(ppo.aggregate_loss(loss[idx], mask[idx], mode, width).item() for idx in parts)
-    whole = ppo.aggregate_loss(loss, mask, mode, width).item()
+    naive = statistics.fmean(aggregated(loss[idx], mask[idx], mode, width).item() for idx in parts)
+    whole = aggregated(loss, mask, mode, width).item()
     split = sum(ppo.aggregate_sum(loss[idx], mask[idx], mode).item() for idx in parts) / sum(counts)
     assert math.isclose(split, whole, rel_tol=1e-9, abs_tol=1e-12)
     assert abs(naive - whole) > 1e-9 * (1 + abs(whole))

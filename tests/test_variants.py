@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, TORCHRUN, high_entropy_policy, launch, tiny_settings
+from conftest import ROOT, TORCHRUN, aggregated, high_entropy_policy, launch, tiny_settings
 
 import ppo
 
@@ -153,11 +153,11 @@ def test_dynamic_sampling_trains_on_exactly_the_informative_groups(tiny, random_
     assert trainer.minibatch_update(experience, [torch.tensor([0, 1]), torch.tensor([4, 5])]) is None
     assert all(p.grad is None for p in trainer.model.parameters())      # no forward, no backward, no step
     trainer.constant = tuple(PROMPTS)
-    before = (trainer.state.optimizer_steps, trainer.state.skipped_steps, trainer.state.consecutive_skips)
+    before = (trainer.state.optimizer_steps, trainer.state.consecutive_skips)
     step = trainer.train_step(PROMPTS)
     assert step["ppo/trained_fraction"] == 0 and step["ppo/skipped_optimizer_steps"] == 2     # GROUP_EPOCHES 2
     assert step["ppo/empty_minibatches"] == 2
-    assert (trainer.state.optimizer_steps, trainer.state.skipped_steps, trainer.state.consecutive_skips) == before
+    assert (trainer.state.optimizer_steps, trainer.state.consecutive_skips) == before
 
 
 def test_kl_in_the_loss_leaves_the_reward_and_adds_exactly_its_term(tiny, random_policy, tmp_path):
@@ -181,7 +181,7 @@ def test_kl_in_the_loss_leaves_the_reward_and_adds_exactly_its_term(tiny, random
         trainer.optimizer.zero_grad(set_to_none=True)
         current = trainer.forward(experience)
         kl = ppo.kl_penalty(current.logprobs, experience.ref_logprobs, estimator)
-        (0.3 * ppo.aggregate_loss(kl, experience.response_mask, "seq-mean-token-sum", 6)).backward()
+        (0.3 * aggregated(kl, experience.response_mask, "seq-mean-token-sum", 6)).backward()
         policy = trainer.accelerator.unwrap_model(trainer.model)
         for n, p in policy.named_parameters():
             if n in with_kl:
