@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import difflib
 import inspect
 import json
@@ -65,6 +66,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -75,6 +77,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pad_sequence
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 logger = logging.getLogger("ppo")
@@ -163,8 +166,9 @@ SAVE_EVERY_N_STEPS = 50             # write OUTPUT_DIR/checkpoints/step_N every 
 SAVE_TOTAL_LIMIT = 0                # keep the newest N checkpoints, plus the best (0 = keep all)
 RESUME = "ask"                      # "ask" ("yes" if no terminal) | "yes" (latest) | "no" | a path
 EARLY_STOPPING_PATIENCE = 0         # stop after N evaluations without improvement (0 = off)
-EARLY_STOPPING_METRIC = "eval/reward"  # higher is better (e.g. "eval/accuracy"); its best: best/
+EARLY_STOPPING_METRIC = "eval/reward"  # higher is better, e.g. "eval/accuracy"
 EARLY_STOPPING_MIN_DELTA = 0.0      # smallest change that counts as an improvement
+SAVE_BEST_POLICY = True             # keep the best evaluation's policy in OUTPUT_DIR/best
 
 # Logging
 USE_WANDB = False                   # also log to Weights & Biases (WANDB_MODE=offline: no account)
@@ -180,6 +184,7 @@ LORA_DROPOUT = 0.0                  # keep 0: dropout makes the PPO ratio != 1 b
 LORA_TARGET_MODULES = "all-linear"  # "all-linear", or comma-separated module names: "q_proj,v_proj"
 GRADIENT_CHECKPOINTING = False      # recompute activations in backward: less memory, ~30% slower
 OFFLOAD_REF_AND_REWARD = False      # keep the reference and reward models on CPU while not running
+DISTRIBUTED_TIMEOUT = 1800          # seconds a process waits for the others in a collective
 
 # Hardware
 DEVICE = "auto"                     # "auto": this process's GPU when there is one, else CPU | "cpu"
@@ -287,16 +292,20 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature
 
 
 KL_ESTIMATORS = {  # KL_ESTIMATOR: d = log pi - log pi_ref of a token -> estimate of KL(pi || ref)
-    "k1": lambda d: d,                     # unbiased, negative on some tokens
-    "k2": lambda d: 0.5 * d ** 2,          # >= 0, biased; as a loss, the reverse KL's gradient
-    "k3": lambda d: torch.expm1(-d) + d,   # (r - 1) - log r, r = pi_ref / pi: >= 0, unbiased
+    "k1": lambda d: d.detach() * (1 + d - d.detach()),  # d: unbiased, negative on some tokens
+    "k2": lambda d: 0.5 * d ** 2,                       # >= 0, biased
+    "k3": lambda d: torch.expm1(-d) + d,                # (r - 1) - log r, r = pi_ref / pi: >= 0
 }
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                estimator: str = "k1") -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimate (B, T) from samples of pi, by KL_ESTIMATORS[estimator].
-    http://joschu.net/blog/kl-approx.html"""
+    http://joschu.net/blog/kl-approx.html. As a loss term (KL_IN_LOSS) each one pulls pi toward
+    pi_ref: k1 has the value d but the gradient sg(d) * grad log pi (the score-function form, k2's
+    gradient), whose expectation over pi is grad KL(pi || pi_ref); plain d as a loss would have
+    gradient grad log pi, whose expectation is 0 (the second audit's N2). k3's gradient points the
+    same way (GRPO's choice)."""
     return KL_ESTIMATORS[estimator](logprobs - ref_logprobs)
 
 
@@ -560,6 +569,18 @@ def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int,
     return -penalty * over.clamp(0, 1)
 
 
+def penalised(scores: torch.Tensor, has_eos: torch.Tensor, lengths: torch.Tensor,
+              cfg) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Step 3: scores (B,) minus MISSING_EOS_PENALTY for a response that never stopped, or with
+    OVERLONG_BUFFER on, DAPO's soft overlong penalty instead (it replaces the missing-EOS penalty,
+    so a response cut at MAX_NEW_TOKENS pays OVERLONG_PENALTY, as in DAPO, not both). Returns
+    (scores, the overlong penalty)."""
+    overlong = overlong_penalty(lengths, cfg.MAX_NEW_TOKENS, cfg.OVERLONG_BUFFER,
+                                cfg.OVERLONG_PENALTY)
+    missing_eos = 0.0 if cfg.OVERLONG_BUFFER else cfg.MISSING_EOS_PENALTY
+    return scores - missing_eos * (~has_eos).float() + overlong, overlong
+
+
 def uninformative_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     """(B,) True for the responses of a group whose scores are all equal: a group baseline gives
     them zero advantage when the reward holds no KL, so they would only dilute the gradient
@@ -752,6 +773,9 @@ class TrainState:
     best_step: int = -1
     evals_without_improvement: int = 0
     lr_scale: float = 1.0                  # "plateau" multiplier of both learning rates
+    lr_horizon: float = math.inf           # optimizer step where the schedule ends (inf: no plan)
+    lr_restart: int = 0                    # a re-timed schedule goes on from this step ...
+    lr_restart_factor: float = 1.0         # ... at this factor (timed_schedule)
     plateau_bad_evals: int = 0
     last_eval_step: int = -1
 
@@ -785,6 +809,8 @@ def make_plan(n_prompts: int, cfg: Config, world: int) -> Plan:
                 f"{plan.optimizer_steps} optimizer steps ({cfg.GROUP_EPOCHES} PPO epochs x "
                 f"{cfg.NUM_MINI_BATCHES} minibatches per step)")
     logger.info(f"Objective: {describe_objective(cfg)}")
+    for warning in setting_warnings(cfg):
+        logger.warning(warning)
     return plan
 
 
@@ -917,6 +943,7 @@ class PPOTrainer:
             models.tokenizer, models.reward_tokenizer, models.stop_ids)
         self.model, self.optimizer, self.ref, self.reward_model = (
             models.model, models.optimizer, models.ref, models.reward_model)
+        self.policy_dtype = models.policy_dtype
         self.reward_max_length = reward_input_limit(self.reward_tokenizer, self.reward_model)
         # A reward model without a chat template and with the policy's tokenizer reads the ids the
         # policy sampled: no decode and re-encode, which may merge or split tokens differently.
@@ -929,6 +956,7 @@ class PPOTrainer:
                         "reads the policy's own token ids of prompt and response.")
         if saved is not None:
             self.state = restore_checkpoint(saved, self.checkpoint, cfg, self.backend)
+        self.saved_step = self.state.global_step if saved is not None else -1  # on disk already
 
     @property
     def policy(self) -> nn.Module:
@@ -1048,12 +1076,9 @@ class PPOTrainer:
             scores = (scores - moments[0]) / math.sqrt(moments[1] + 1e-8)
         if cfg.REWARD_CLIP:
             scores = scores.clamp(-cfg.REWARD_CLIP, cfg.REWARD_CLIP)
-        scores = scores - cfg.MISSING_EOS_PENALTY * (~rollout.has_eos).float()
+        scores, overlong = penalised(scores, rollout.has_eos, rollout.response_mask.sum(1), cfg)
         if cfg.OVERLONG_BUFFER:
-            penalty = overlong_penalty(rollout.response_mask.sum(1), cfg.MAX_NEW_TOKENS,
-                                       cfg.OVERLONG_BUFFER, cfg.OVERLONG_PENALTY)
-            scores = scores + penalty
-            metrics["objective/overlong_penalty"] = penalty.mean()
+            metrics["objective/overlong_penalty"] = overlong.mean()
         metrics["objective/score"] = scores.mean()
         return scores, moments, metrics
 
@@ -1208,7 +1233,7 @@ class PPOTrainer:
     def optimizer_step(self) -> Tuple[torch.Tensor, bool]:
         """Clip, then step at the scheduled learning rates, or skip a step with a NaN / inf gradient
         (weights, optimizer state and lr schedule untouched). Returns (gradient norms, stepped)."""
-        norms, stepped, note = self.backend.step(learning_rates(self.state, self.plan, self.cfg))
+        norms, stepped, note = self.backend.step(learning_rates(self.state, self.cfg))
         self.state.optimizer_steps += stepped
         if not stepped:
             logger.warning(f"step {self.state.global_step + 1}: {note}.")
@@ -1285,7 +1310,7 @@ class PPOTrainer:
         with placed(self.reward_model, self.device, self.cfg.OFFLOAD_REF_AND_REWARD):
             reward = self.rewards_of(rollout.prompts, rollout.responses)
         correct, has_ref = self.reference_matches(rollout.prompts, rollout.responses)
-        counted = (torch.arange(len(prompts), device=self.device) < real).float()   # not the padding
+        counted = (torch.arange(len(prompts), device=self.device) < real).float()   # not padding
         rows = torch.stack([reward, rollout.response_mask.sum(1).float(), rollout.has_eos.float(),
                             correct, has_ref.float(), torch.ones_like(reward)])
         sums = (rows * counted).sum(1)               # reward, length, eos, correct, has_ref, count
@@ -1326,45 +1351,68 @@ class PPOTrainer:
             train_prompts, eval_prompts, references = load_data(self.cfg)
             self.references.update(references)
         eval_prompts = list(eval_prompts or [])
-        if self.checkpoint is None and holds_run(self.output_dir):
-            raise ConfigError(f"OUTPUT_DIR = {str(self.output_dir)!r} already holds a run "
-                              "(checkpoints or logs/metrics.jsonl). Resume it (RESUME = 'yes', or "
-                              "resume_from_checkpoint=...), or choose another OUTPUT_DIR; nothing "
-                              "there is overwritten.")
-        if eval_metric_in_use(self.cfg) and not eval_prompts:
-            raise ConfigError(f"EARLY_STOPPING_METRIC = {self.cfg.EARLY_STOPPING_METRIC!r} drives "
-                              "early stopping or the plateau schedule, but EVAL_DATASETS is empty: "
-                              "add an evaluation set, or set EARLY_STOPPING_PATIENCE = 0.")
+        check_run_start(self.cfg, self.output_dir, self.checkpoint is not None, eval_prompts)
         self.prepare_prompts(list(train_prompts) + eval_prompts)
         self.plan = make_plan(len(train_prompts), self.cfg, self.backend.world)
+        self.state = timed_schedule(self.state, self.plan, self.cfg)
+        if self.checkpoint is not None:
+            self.abandon_later_run()
         self.files.open(self.state.global_step if self.checkpoint else None)
-        try:
-            with self.stop_request:
-                if self.state.global_step == 0 and self.state.last_eval_step < 0 and eval_prompts:
-                    metrics = self.run_evaluation(eval_prompts)
-                    error = missing_eval_metric(self.cfg, metrics)
-                    if error:
-                        raise error
-                    self.log_row(metrics)
-                reason = self.train_loop(train_prompts, eval_prompts)
-        except StepDropped:
-            reason = "interrupted"
-        if (self.state.global_step > 0 and
-                not checkpoint_path(self.output_dir, self.state.global_step).exists()):
-            self.save_checkpoint()
-        self.files.close()
+        with self.stop_request:        # until the files are closed: a launcher's SIGTERM is caught
+            try:
+                reason = self.run_loop(train_prompts, eval_prompts)
+                if self.state.global_step > max(self.saved_step, 0):
+                    self.save_checkpoint()
+                self.files.close()
+                self.backend.wait()    # no process exits before the main one has closed its files
+            except RuntimeError as e:
+                if self.backend.world == 1 or not is_peer_failure(e):
+                    raise
+                self.files.close()
+                raise TrainingError(f"Another process of this run died or stopped answering "
+                                    f"({first_line(e)}), so this one stops too. The checkpoints "
+                                    "are intact: run again to resume from the latest.") from None
         if reason == "interrupted":
-            raise TrainingInterrupted(self.stop_request.signum,
-                                      checkpoint_path(self.output_dir, self.state.global_step))
+            raise TrainingInterrupted(self.stop_request.signum, checkpoint_path(
+                self.output_dir, self.state.global_step) if self.state.global_step else None)
         logger.info(f"Training finished ({reason}) at step {self.state.global_step}. "
                     f"Outputs: {self.output_dir}")
-        s = self.state
-        if s.best_step >= 0:
-            final = ("" if self.last_eval_metric is None else
-                     f"; the final policy (step {s.global_step}) has {self.last_eval_metric:.4g}")
-            logger.info(f"Best policy: {self.cfg.EARLY_STOPPING_METRIC} = {s.best_metric:.4g} at "
-                        f"step {s.best_step}, in {self.output_dir / 'best'}{final}")
+        if self.state.best_step >= 0:
+            logger.info(best_policy_line(self.state, self.cfg, self.output_dir,
+                                         self.last_eval_metric))
         return reason
+
+    def run_loop(self, train_prompts: List[str], eval_prompts: List[str]) -> str:
+        """The step-0 evaluation and the loop; returns why it stopped."""
+        try:
+            if self.state.global_step == 0 and self.state.last_eval_step < 0 and eval_prompts:
+                metrics, _, error = self.evaluation(eval_prompts)
+                if error:
+                    raise error
+                self.log_row(metrics)
+            return self.train_loop(train_prompts, eval_prompts)
+        except StepDropped:
+            return "interrupted"
+
+    def abandon_later_run(self) -> None:
+        """A resume from an older checkpoint abandons what the run wrote after it: the later
+        checkpoints, and a best/ written later, move aside (set_aside_later). best/ then holds this
+        run's best again: the resumed policy, or the policy of the best step's checkpoint; when
+        neither is on disk the best is tracked afresh."""
+        s = self.state
+        best_moved = self.backend.from_main(
+            set_aside_later(self.output_dir, s.global_step) if self.is_main else None)
+        if not best_moved or s.best_step < 0 or not self.cfg.SAVE_BEST_POLICY:
+            return
+        source = checkpoint_path(self.output_dir, s.best_step) / "policy"
+        if s.best_step == s.global_step:
+            self.save_policy(self.output_dir / "best")
+        elif source.is_dir():
+            self.save_policy(self.output_dir / "best", source)
+        else:
+            logger.warning(f"No checkpoint holds this run's best policy (step {s.best_step}): the "
+                           "best is tracked afresh from the next evaluation.")
+            s.best_metric, s.best_step, s.evals_without_improvement = None, -1, 0
 
     def train_loop(self, train_prompts: List[str], eval_prompts: List[str]) -> str:
         cfg, plan, backend = self.cfg, self.plan, self.backend
@@ -1400,19 +1448,13 @@ class PPOTrainer:
     def after_step(self, metrics: Dict[str, float], eval_prompts: List[str], bar) -> Optional[str]:
         """Evaluate, log, save, and decide whether to stop, after PPO step global_step."""
         cfg, step = self.cfg, self.state.global_step
+        stopping = self.stop_request.agreed(self.backend)      # the same on every process
         stop, error = False, None
-        if eval_prompts and self.stop_request.signum is None and (
+        if eval_prompts and not stopping and (
                 step >= self.plan.total_steps or
                 (cfg.EVAL_EVERY_N_STEPS and step % cfg.EVAL_EVERY_N_STEPS == 0)):
-            eval_metrics = self.run_evaluation(eval_prompts)
+            eval_metrics, stop, error = self.evaluation(eval_prompts)
             metrics.update(eval_metrics)
-            error = missing_eval_metric(cfg, eval_metrics)
-            if cfg.EARLY_STOPPING_METRIC in eval_metrics:
-                self.state, improved, stop = track_eval(
-                    self.state, eval_metrics[cfg.EARLY_STOPPING_METRIC], cfg)
-                self.last_eval_metric = eval_metrics[cfg.EARLY_STOPPING_METRIC]
-                if improved:
-                    self.save_policy(self.output_dir / "best")
         self.log_row(metrics)
         bar.set_description_str(f"Epoch {self.state.epoch + 1}/{cfg.NUM_EPOCHES}: "
                                 f"{progress_postfix(metrics)}")
@@ -1423,10 +1465,23 @@ class PPOTrainer:
         if stop:
             logger.info(f"Early stopping: {cfg.EARLY_STOPPING_METRIC} has not improved for "
                         f"{self.state.evals_without_improvement} evaluations; "
-                        f"best {self.state.best_metric:.4g} at step {self.state.best_step} "
-                        f"(policy in {self.output_dir / 'best'})")
+                        f"best {self.state.best_metric:.4g} at step {self.state.best_step}")
             return "early_stopping"
-        return "interrupted" if self.stop_request.signum is not None else None
+        return "interrupted" if stopping else None
+
+    def evaluation(self, eval_prompts: List[str]) -> Tuple[Dict[str, float], bool, Optional[str]]:
+        """run_evaluation, then EARLY_STOPPING_METRIC's bookkeeping (the step-0 evaluation too):
+        best/ rewritten at an improvement. Returns (metrics, early stop, the error of a metric the
+        evaluation does not produce)."""
+        metrics = self.run_evaluation(eval_prompts)
+        value = metrics.get(self.cfg.EARLY_STOPPING_METRIC)
+        if value is None:
+            return metrics, False, missing_eval_metric(self.cfg, metrics)
+        self.state, improved, stop = track_eval(self.state, value, self.cfg)
+        self.last_eval_metric = value
+        if improved and self.cfg.SAVE_BEST_POLICY:
+            self.save_policy(self.output_dir / "best")
+        return metrics, stop, None
 
     def log_row(self, metrics: Dict[str, float]) -> None:
         s = self.state
@@ -1434,19 +1489,46 @@ class PPOTrainer:
         self.files.log({"step": s.global_step, "epoch": epoch, **metrics}, s.global_step)
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def save_policy(self, folder: Path) -> None:
-        """Policy and tokenizer in Hugging Face format, written atomically (used for best/)."""
+    def save_policy(self, folder: Path, source: Optional[Path] = None) -> None:
+        """best/: the policy (or the one saved in the checkpoint folder `source`) and tokenizer in
+        Hugging Face format, in the model's own dtype, with best.json naming its step; written
+        atomically."""
+        s, cfg = self.state, self.cfg
+        best = {"step": s.best_step, "metric": cfg.EARLY_STOPPING_METRIC, "value": s.best_metric}
+
+        def write(tmp: Path) -> None:
+            if source is None:
+                write_policy(self.policy, self.tokenizer, tmp, tmp / "adapter", cfg,
+                             self.policy_dtype)
+            else:
+                write_model(load_causal_lm("ACTOR_MODEL", str(source), cfg, self.policy_dtype),
+                            self.tokenizer, tmp)
+            (tmp / "best.json").write_text(json.dumps(best))
+        failure = None
         if self.is_main:
-            write_atomically(folder, lambda tmp: write_policy(self.policy, self.tokenizer, tmp,
-                                                              tmp / "adapter", self.cfg))
-        self.backend.wait()
+            try:
+                write_atomically(folder, write)
+            except WRITE_ERRORS as e:
+                failure = (f"Could not write {folder}: {why_not_written(e)}. Free space (or fix "
+                           "permissions); the checkpoints are intact.")
+        failure = self.backend.first_failure(failure)
+        if failure:
+            raise TrainingError(failure)
 
     def save_checkpoint(self) -> Path:
         """OUTPUT_DIR/checkpoints/step_N/{policy/, critic/, training_state.pt, config.json},
-        complete or absent."""
+        complete or absent; a write that fails fails every process with the same error."""
         path = checkpoint_path(self.output_dir, self.state.global_step)
-        write_checkpoint(path, self.state, self.backend, self.cfg, self.policy, self.critic,
-                         self.tokenizer)
+        try:
+            write_checkpoint(path, self.state, self.backend, self.cfg, self.policy, self.critic,
+                             self.tokenizer)
+            failure = None
+        except TrainingError as e:
+            failure = str(e)
+        failure = self.backend.first_failure(failure)
+        if failure:
+            raise TrainingError(failure)
+        self.saved_step = self.state.global_step
         if self.is_main:
             rotate_checkpoints(self.output_dir / "checkpoints", self.cfg.SAVE_TOTAL_LIMIT,
                                keep=self.state.best_step if self.state.best_step >= 0 else None)
@@ -1672,11 +1754,11 @@ def answer_matches(response: str, reference: str, rule: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # 7. Step bookkeeping: learning rates, update metrics, evaluations, random state, signals, timing
 # ---------------------------------------------------------------------------------------------
-def learning_rates(state, plan, cfg) -> Tuple[float, float]:
-    """Policy and critic learning rates at the state's optimizer step: schedule x plateau scale
-    x base."""
-    total = plan.optimizer_steps if plan else 0
-    schedule = (lr_factor(state.optimizer_steps, total, cfg.WARMUP_STEPS, cfg.LR_SCHEDULER_TYPE)
+def learning_rates(state, cfg) -> Tuple[float, float]:
+    """Policy and critic learning rates at the state's optimizer step: schedule (over the state's
+    horizon) x plateau scale x base."""
+    schedule = (lr_factor(state.optimizer_steps, state.lr_horizon, cfg.WARMUP_STEPS,
+                          cfg.LR_SCHEDULER_TYPE, state.lr_restart, state.lr_restart_factor)
                 if cfg.USE_LR_SCHEDULER else 1.0)
     factor = schedule * state.lr_scale
     return cfg.LEARNING_RATE * factor, cfg.CRITIC_LEARNING_RATE * factor
@@ -1690,13 +1772,39 @@ LR_SCHEDULES = {  # LR_SCHEDULER_TYPE: progress in [0, 1] after warmup -> factor
 }
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+def lr_factor(step: int, total_steps: float, warmup_steps: int, kind: str, restart: int = 0,
+              restart_factor: float = 1.0) -> float:
     """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then the
-    schedule LR_SCHEDULES[kind]."""
+    schedule LR_SCHEDULES[kind] until total_steps (inf: no end, so no decay). A schedule re-timed
+    at optimizer step `restart` goes on from restart_factor there, over what is left."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return LR_SCHEDULES[kind](progress)
+    start = max(warmup_steps, restart)
+    progress = min(1.0, (step - start) / max(1, total_steps - start))
+    return restart_factor * LR_SCHEDULES[kind](progress)
+
+
+def timed_schedule(state, plan, cfg) -> "TrainState":
+    """The state with its learning-rate horizon set to the plan's optimizer steps, as a run starts.
+    A resumed run whose plan has another length (MAX_STEPS, NUM_EPOCHES or the data changed)
+    re-times what is left of its schedule: from the factor it reached, over the optimizer steps
+    left, so the rate never jumps back up (the second audit's N6)."""
+    s = dataclasses.replace(state)
+    if s.lr_horizon == plan.optimizer_steps:
+        return s
+    if math.isfinite(s.lr_horizon) and cfg.USE_LR_SCHEDULER:
+        s.lr_restart = max(s.optimizer_steps, cfg.WARMUP_STEPS)
+        s.lr_restart_factor = lr_factor(s.lr_restart, s.lr_horizon, cfg.WARMUP_STEPS,
+                                        cfg.LR_SCHEDULER_TYPE, state.lr_restart,
+                                        state.lr_restart_factor)
+        logger.warning(f"The run now plans {plan.optimizer_steps} optimizer steps instead of "
+                       f"{int(s.lr_horizon)} (MAX_STEPS, NUM_EPOCHES or the data changed): the "
+                       f"learning-rate schedule is re-timed, from {s.lr_restart_factor:.3g} x the "
+                       f"base rate at optimizer step {s.lr_restart} to its end at step "
+                       f"{plan.optimizer_steps}. To train on at the base rate instead, resume "
+                       "with USE_LR_SCHEDULER = False.")
+    s.lr_horizon = plan.optimizer_steps
+    return s
 
 
 def update_metrics(sums: Dict[str, torch.Tensor], norms: torch.Tensor, epochs: int,
@@ -1845,10 +1953,16 @@ class StopRequest:
             signal.signal(signum, handler)
         self.previous = {}
 
-    def check(self, backend: "Backend") -> None:
-        """Drop the step in flight when a signal arrived on any process (all processes agree)."""
+    def agreed(self, backend: "Backend") -> bool:
+        """Whether a signal arrived on any process: every process gets the same answer, so none
+        takes a branch the others do not (a signal may reach one process only: a preempted node, a
+        killed worker)."""
         received = torch.tensor(float(self.signum is not None), device=backend.device)
-        if backend.all_sum(received) > 0:
+        return bool(backend.all_sum(received) > 0)
+
+    def check(self, backend: "Backend") -> None:
+        """Drop the step in flight when a signal arrived on any process."""
+        if self.agreed(backend):
             raise StepDropped()
 
 
@@ -1891,9 +2005,20 @@ def process_state(cfg: Config):
     # else an installed DeepSpeed, imported by accelerate, prints that it found no GPU
     if use_cpu(cfg):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    timeout = datetime.timedelta(seconds=cfg.DISTRIBUTED_TIMEOUT)
     if use_deepspeed() and use_cpu(cfg):
-        return PartialState(backend="gloo")
-    return PartialState(cpu=use_cpu(cfg))
+        return PartialState(backend="gloo", timeout=timeout)
+    return PartialState(cpu=use_cpu(cfg), timeout=timeout)
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether an error says that another process of the run died or stopped answering: gloo's
+    closed connection, NCCL's errors, the process group's timeout."""
+    import torch.distributed as dist
+    words = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL",
+             "timed out", "Timed out")
+    return isinstance(error, getattr(dist, "DistError", ())) or (
+        isinstance(error, RuntimeError) and any(w in str(error) for w in words))
 
 
 def resolve_mixed_precision(cfg: Config) -> str:
@@ -1982,11 +2107,25 @@ class Backend:
             values = total / count
         return dict(zip(names, values.tolist()))
 
+    def from_main(self, value):
+        """The main process's value, on every process."""
+        if self.world > 1:
+            box = [value]
+            broadcast_object_list(box)
+            value = box[0]
+        return value
+
     def gather_rng(self) -> List[dict]:
         return gather_object([rng_state()]) if self.world > 1 else [rng_state()]
 
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
+
+    def first_failure(self, failure: Optional[str]) -> Optional[str]:
+        """The first process's failure message (or None), on every process: a write that failed
+        on one process fails the run on all of them, with the same message."""
+        failures = gather_object([failure]) if self.world > 1 else [failure]
+        return next((f for f in failures if f is not None), None)
 
     def optimizer_state(self) -> Optional[dict]:
         return self.optimizer.state_dict()
@@ -2051,12 +2190,17 @@ class DeepSpeedBackend(Backend):
         zero = self.model.optimizer
         parts = [path.parent / f".tmp_{path.name}__optimizer_rank_{r}.pt"
                  for r in range(self.world)]
-        if not path.exists():
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"base": zero.optimizer.state_dict(),
-                        "fp32": list(zero.single_partition_of_fp32_groups)},
-                       parts[self.rank])
-        self.wait()
+                        "fp32": list(zero.single_partition_of_fp32_groups)}, parts[self.rank])
+            failure = None
+        except WRITE_ERRORS as e:
+            failure = (f"Could not write {parts[self.rank]}: {why_not_written(e)}. Free space (or "
+                       "fix permissions); the previous checkpoints are intact.")
+        failure = self.first_failure(failure)
+        if failure:
+            raise TrainingError(failure)
         return parts
 
     def load_optimizer(self, checkpoint: Path, saved: dict) -> None:
@@ -2234,6 +2378,9 @@ RULES = [  # settings that cannot work together: (whether the settings break the
     (lambda c: c.POLICY_LOSS == "cispo" and c.DUAL_CLIP,
      "DUAL_CLIP bounds PPO's clipped surrogate; POLICY_LOSS = 'cispo' has none (its weight is "
      "already clipped): set DUAL_CLIP = 0."),
+    (lambda c: c.ADAPTIVE_KL and not c.KL_COEF,
+     "ADAPTIVE_KL multiplies the KL coefficient, so from KL_COEF = 0 it stays 0: set KL_COEF > 0 "
+     "(its start value, e.g. 0.05)."),
     (lambda c: c.KL_IN_LOSS and c.ADAPTIVE_KL,
      "ADAPTIVE_KL steers the reward's KL coefficient, and KL_IN_LOSS takes the KL out of the "
      "reward: turn one of them off."),
@@ -2248,6 +2395,23 @@ RULES = [  # settings that cannot work together: (whether the settings break the
     (lambda c: not 0 <= c.OVERLONG_BUFFER <= c.MAX_NEW_TOKENS,
      "OVERLONG_BUFFER = {OVERLONG_BUFFER!r} must be in [0, MAX_NEW_TOKENS = {MAX_NEW_TOKENS}]."),
 ]
+
+
+WARNINGS = [  # settings that work but are likely mistakes: (whether they apply, the warning)
+    (lambda c: c.POLICY_LOSS == "gspo" and max(clip_ranges(c)) > 0.01,
+     "POLICY_LOSS = 'gspo' clips a sequence ratio that is a geometric mean over its tokens, so a "
+     "range of CLIP_RANGE = {CLIP_RANGE} seldom binds: the GSPO paper clips it to [1 - 3e-4, "
+     "1 + 4e-4] (CLIP_RANGE_LOW = 3e-4, CLIP_RANGE_HIGH = 4e-4)."),
+    (lambda c: c.POLICY_LOSS == "cispo" and c.CLIP_RANGE_LOW is None,
+     "POLICY_LOSS = 'cispo': MiniMax-M1 bounds only the upper side of the weight, but "
+     "CLIP_RANGE_LOW = None bounds the lower side too, at 1 - CLIP_RANGE (CLIP_RANGE = "
+     "{CLIP_RANGE}): set CLIP_RANGE_LOW = 1.0 for no lower bound."),
+]
+
+
+def setting_warnings(cfg: Config) -> List[str]:
+    """WARNINGS that apply to these settings (logged when the run starts)."""
+    return [message.format_map(cfg) for applies, message in WARNINGS if applies(cfg)]
 
 
 def validate_config(cfg: Config) -> None:
@@ -2276,7 +2440,7 @@ def describe_objective(cfg: Config) -> str:
         parts.append("dynamic sampling")
     if cfg.OVERLONG_BUFFER:
         parts.append(f"overlong penalty up to {cfg.OVERLONG_PENALTY:g} over the last "
-                     f"{cfg.OVERLONG_BUFFER} tokens")
+                     f"{cfg.OVERLONG_BUFFER} tokens (it replaces MISSING_EOS_PENALTY)")
     return "; ".join(parts)
 
 
@@ -2431,6 +2595,9 @@ def load_model_config(name: str, path: str, cfg: Config):
         if not Path(resolved).exists() and (resolved.startswith((".", "/", "~")) or
                                             resolved.count("/") > 1):
             raise model_error(name, path, "no such folder.") from None
+        if "custom code" in str(e) and not cfg.TRUST_REMOTE_CODE:
+            raise model_error(name, path, "its model comes with custom code, which runs only with "
+                              "TRUST_REMOTE_CODE = True: set it if you trust that code.") from None
         raise model_error(name, path, f"cannot load a model config from it ({first_line(e)}). "
                           "Give a local folder made by save_pretrained, or a Hugging Face hub id "
                           "(downloads need network access).") from None
@@ -2570,6 +2737,7 @@ class Models:
     optimizer: object
     ref: Reference
     reward_model: nn.Module
+    policy_dtype: torch.dtype            # what ACTOR_MODEL's weights were saved in (best/ too)
 
 
 def load_tokenizers(cfg: Config):
@@ -2638,13 +2806,16 @@ def load_models(cfg: Config, backend: "Backend", checkpoint: Optional[Path]) -> 
               if m is not None]
     # fused: one kernel per optimizer step instead of a dozen small ops per tensor
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.WEIGHT_DECAY, fused=True)
-    model, optimizer = backend.prepare(PolicyAndCritic(policy, critic), optimizer)
+    # training mode (dropout is off): gradient checkpointing acts in training mode only
+    model, optimizer = backend.prepare(PolicyAndCritic(policy, critic).train(), optimizer)
     counts = [f"{sum(p.numel() for p in g['params']) / 1e6:.2f}M" for g in groups]
     logger.info(f"policy {type(policy).__name__} ({counts[0]} trainable parameters), critic "
                 f"{type(critic).__name__ if critic else 'none'} ({counts[1] if critic else 0}), "
                 f"device {backend.device}, mixed precision {backend.mixed_precision}")
     check_learning_rate(policy, cfg)
-    return Models(tokenizer, reward_tokenizer, stop_ids, model, optimizer, reference, reward)
+    policy_dtype = saved_dtype(load_model_config("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)[1])
+    return Models(tokenizer, reward_tokenizer, stop_ids, model, optimizer, reference, reward,
+                  policy_dtype)
 
 
 def check_learning_rate(policy: nn.Module, cfg: Config) -> None:
@@ -2655,22 +2826,41 @@ def check_learning_rate(policy: nn.Module, cfg: Config) -> None:
 
 
 def write_policy(policy: nn.Module, tokenizer, folder: Path, adapter_folder: Path,
-                 cfg: Config) -> None:
-    """A folder AutoModelForCausalLM.from_pretrained loads; under LoRA the adapters go to
-    adapter_folder (what a resume loads) and `folder` gets base + adapters merged on a CPU copy
-    (training is untouched)."""
+                 cfg: Config, dtype: torch.dtype = torch.float32) -> None:
+    """A folder AutoModelForCausalLM.from_pretrained loads, its weights in `dtype`; under LoRA the
+    adapters go to adapter_folder (what a resume loads) and `folder` gets base + adapters merged on
+    a CPU copy (training is untouched)."""
     if not cfg.USE_LORA:
-        return write_model(policy, tokenizer, folder)
+        return write_model(policy, tokenizer, folder, dtype)
     from peft import PeftModel
     policy.save_pretrained(adapter_folder)
-    base = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, torch.float32)
+    base = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, dtype)
     write_model(PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload(), tokenizer,
-                folder)
+                folder, dtype)
 
 
-def write_model(model: nn.Module, tokenizer, folder: Path) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
+def write_model(model: nn.Module, tokenizer, folder: Path,
+                dtype: Optional[torch.dtype] = None) -> None:
+    """save_pretrained, the floating-point weights cast to `dtype` on the host when given (tied
+    weights stay one tensor), and the config saying so."""
+    state = None
+    if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
+        cast: Dict[int, torch.Tensor] = {}
+        state = {name: cast.setdefault(t.data_ptr(), t.to("cpu", dtype) if t.is_floating_point()
+                                       else t.cpu()) for name, t in model.state_dict().items()}
+    model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    if state is not None:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (Path(folder) / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(folder)
+
+
+def saved_dtype(config) -> torch.dtype:
+    """The dtype a model folder's weights were saved in (its config's dtype; float32 if none)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = getattr(torch, str(dtype).removeprefix("torch."), None) if dtype else None
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2696,6 +2886,14 @@ def fsync_path(path: Path) -> None:
 def fsync_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*")) + [folder]:
         fsync_path(path)
+
+
+WRITE_ERRORS = (OSError, SafetensorError)     # a full disk, a read-only folder, ...
+
+
+def why_not_written(error: Exception) -> str:
+    """The system's reason: No space left on device, File too large, Permission denied, ..."""
+    return getattr(error, "strerror", None) or first_line(error)
 
 
 def write_atomically(final: Path, write) -> None:
@@ -2728,7 +2926,7 @@ def write_checkpoint(path: Path, state: TrainState, backend: Backend, cfg: Confi
     complete."""
     rng = backend.gather_rng()
     parts = backend.save_optimizer_parts(path)
-    if not backend.is_main or path.exists():
+    if not backend.is_main:
         return
     scaler = backend.accelerator.scaler
     training_state = {"format": 1, "state": dataclasses.asdict(state), "rng": rng,
@@ -2746,8 +2944,8 @@ def write_checkpoint(path: Path, state: TrainState, backend: Backend, cfg: Confi
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
     try:
         write_atomically(path, write)
-    except OSError as e:
-        raise TrainingError(f"Could not write checkpoint {path}: {e.strerror or first_line(e)}. "
+    except WRITE_ERRORS as e:
+        raise TrainingError(f"Could not write checkpoint {path}: {why_not_written(e)}. "
                             f"Free space on the disk holding {path.parent} (or fix its "
                             "permissions); the previous checkpoints there are intact. Run again to "
                             "resume from the latest.") from None
@@ -2781,6 +2979,57 @@ def restore_checkpoint(saved: dict, checkpoint: Path, cfg: Config, backend: Back
     logger.info(f"Resumed from {checkpoint}: step {state.global_step}, epoch {state.epoch + 1}, "
                 f"{state.position} prompts into it")
     return state
+
+
+def set_aside_later(output_dir: Path, step: int) -> bool:
+    """On a resume from step k, the step_N folders with N > k and a best/ written after k belong to
+    the run that this one replaces: they move to checkpoints/abandoned_<time>_<id>/ (nothing is
+    deleted; the log says where), so this run writes its own and RESUME = 'yes' finds them. A best/
+    without best.json (written by an older ppo.py) counts as later when later checkpoints exist.
+    Returns whether best/ moved."""
+    root = Path(output_dir) / "checkpoints"
+    later = sorted((p for p in root.glob("step_*") if p.name[5:].isdigit() and
+                    int(p.name[5:]) > step), key=lambda p: int(p.name[5:]))
+    best = Path(output_dir) / "best"
+    try:
+        best_later = json.loads((best / "best.json").read_text(encoding="utf-8"))["step"] > step
+    except (OSError, ValueError, KeyError, TypeError):
+        best_later = best.is_dir() and bool(later)
+    if not later and not best_later:
+        return False
+    aside = Path(tempfile.mkdtemp(prefix=f"abandoned_{time.strftime('%Y%m%d_%H%M%S')}_",
+                                  dir=root))
+    for path in later + ([best] if best_later else []):
+        path.rename(aside / path.name)
+    moved = [p.name for p in later] + (["best"] if best_later else [])
+    logger.warning(f"Resuming from step {step}: {', '.join(moved)} came later, from the run this "
+                   f"one replaces; moved to {aside} (delete it when you no longer need it).")
+    return best_later
+
+
+def check_run_start(cfg: Config, output_dir: Path, resuming: bool, eval_prompts: List[str]) -> None:
+    """A new run never writes over another's outputs, and an evaluation metric in use needs an
+    evaluation set."""
+    if not resuming and holds_run(output_dir):
+        raise ConfigError(f"OUTPUT_DIR = {str(output_dir)!r} already holds a run (checkpoints or "
+                          "logs/metrics.jsonl). Resume it (RESUME = 'yes', or "
+                          "resume_from_checkpoint=...), or choose another OUTPUT_DIR; nothing "
+                          "there is overwritten.")
+    if eval_metric_in_use(cfg) and not eval_prompts:
+        raise ConfigError(f"EARLY_STOPPING_METRIC = {cfg.EARLY_STOPPING_METRIC!r} drives early "
+                          "stopping or the plateau schedule, but EVAL_DATASETS is empty: add an "
+                          "evaluation set, or set EARLY_STOPPING_PATIENCE = 0.")
+
+
+def best_policy_line(state: TrainState, cfg: Config, output_dir: Path,
+                     last_value: Optional[float]) -> str:
+    """The run's last log line: the best evaluation, where its policy is, how the final one did."""
+    where = (f"in {Path(output_dir) / 'best'}" if cfg.SAVE_BEST_POLICY else
+             "not kept (SAVE_BEST_POLICY = False)")
+    final = ("" if last_value is None else
+             f"; the final policy (step {state.global_step}) has {last_value:.4g}")
+    return (f"Best policy: {cfg.EARLY_STOPPING_METRIC} = {state.best_metric:.4g} at step "
+            f"{state.best_step}, {where}{final}")
 
 
 def holds_run(output_dir) -> bool:
@@ -3171,9 +3420,12 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         logger.error(str(e)) if logger.handlers else print(f"Error: {e}", file=sys.stderr)
         return 1
     except TrainingInterrupted as e:
-        print(f"Interrupted by {signal.Signals(e.signum).name}; checkpoint: {e.checkpoint}. "
-              "Run again to resume.", file=sys.stderr)
-        return 128 + e.signum
+        name = signal.Signals(e.signum).name if e.signum else "a signal to another process"
+        print(f"Interrupted by {name}; " + (
+            f"checkpoint: {e.checkpoint}. Run again to resume." if e.checkpoint else
+            "it came before the first step was completed: nothing was trained, and no checkpoint "
+            "was written. Run again to start over."), file=sys.stderr)
+        return 128 + (e.signum or signal.SIGTERM)
     except KeyboardInterrupt:
         print("Interrupted; nothing of the step in flight was saved. Run again to resume from the "
               "last checkpoint.", file=sys.stderr)
