@@ -13,10 +13,10 @@ ppo.py: PPO for RLHF of Hugging Face causal language models, in one file.
 
 Reading guide: sections 2-5 are the algorithm, in one stretch that reads downward: the settings
 (2), the PPO math and its variants as pure functions (3), the data and state of one step and its
-forward passes (4), and PPOTrainer (5), from train_step through the rollout recipe, the update
-and the commit, then the guide's hooks, evaluation and the loop. Sections 6-14 are what it runs
-on: tokens and text, step bookkeeping, the backend, configuration, data, models, checkpoints,
-logging and the entry point.
+forward passes (4), and PPOStep (5): train_step, the rollout recipe, the update and the commit,
+then the guide's hooks. Section 6 is the training loop around it, PPOTrainer (evaluations, early
+stopping, checkpoints, resume). Sections 7-15 are what it runs on: processes, tokens and text,
+run bookkeeping, configuration, data, models, checkpoints, logging and the entry point.
 
 Deliberate choices, where references differ:
 1. Rollouts sample the full distribution (top_k=0, top_p=1, no repetition penalty, whatever the
@@ -609,7 +609,7 @@ def merge_moments(mean: float, var: float, count: int, batch_mean: float, batch_
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. The step's data and state: rows, experience, minibatch schedule, forward passes
+# 4. The step's data and state: rows, experience, minibatch schedule, metrics, forward passes
 # ---------------------------------------------------------------------------------------------
 def pad(sequences: List[List[int]], pad_id: int, side: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Token id lists -> (B, L) ids padded on `side` ("left": prompts, "right": responses) and the
@@ -814,6 +814,43 @@ def make_plan(n_prompts: int, cfg: Config, world: int) -> Plan:
     return plan
 
 
+def update_metrics(sums: Dict[str, torch.Tensor], norms: torch.Tensor, epochs: int,
+                   skipped: int, empty: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """The update's log rows from ppo_loss's sums over the whole update and the gradient norms
+    (optimizer steps, models); NaN sums and norms give the same keys for a step whose update was
+    skipped. skipped counts every optimizer step not taken; empty (DYNAMIC_SAMPLING) those of
+    them with no row to train, which are not NaN skips."""
+    per_token = {name: value / sums["tokens"].clamp(min=1) for name, value in sums.items()}
+    metrics = {"ppo/loss/policy": per_token["pg_loss"],
+               "ppo/policy/entropy": per_token["entropy"],
+               "ppo/policy/clipfrac": per_token["pg_clipped"],
+               "ppo/policy/approx_kl": per_token["approx_kl"],
+               "ppo/ratio_mean": per_token["ratio"],
+               "ppo/epochs": torch.tensor(float(epochs)),
+               "ppo/skipped_optimizer_steps": torch.tensor(float(skipped)),
+               **({} if empty is None else {"ppo/empty_minibatches": torch.tensor(float(empty))}),
+               "grad_norm/policy": norms[:, 0].nanmean()}
+    if "kl_loss" in sums:
+        metrics["ppo/loss/kl"] = per_token["kl_loss"]
+    if "vf_loss" in sums:
+        metrics["ppo/loss/value"] = per_token["vf_loss"]
+        metrics["ppo/val/clipfrac"] = per_token["vf_clipped"]
+        metrics["grad_norm/critic"] = norms[:, 1].nanmean()
+    return metrics
+
+
+def skipped_update_metrics(optimizer_steps: int, with_critic: bool, cfg,
+                           nothing_to_learn: bool) -> Dict[str, torch.Tensor]:
+    """update_metrics' keys for a step whose update did not run (a NaN, or nothing to learn):
+    NaN statistics, every optimizer step skipped."""
+    names = ("tokens", "pg_loss", "entropy", "pg_clipped", "approx_kl", "ratio") + (
+        ("vf_loss", "vf_clipped") if with_critic else ()) + (("kl_loss",) if cfg.KL_IN_LOSS else ())
+    nan = torch.tensor(math.nan)
+    empty = (optimizer_steps if nothing_to_learn else 0) if cfg.DYNAMIC_SAMPLING else None
+    return update_metrics(dict.fromkeys(names, nan), torch.full((1, 2), math.nan), 0,
+                          optimizer_steps, empty)
+
+
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Positions count real tokens only, so left padding never shifts them: cumsum(mask) - 1,
     clamped."""
@@ -906,11 +943,12 @@ def placed(model: nn.Module, device, offload: bool):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. PPOTrainer: one PPO step, the guide's hooks, evaluation, the training loop
+# 5. PPOStep: one PPO step (the rollout recipe, the update, the commit) and the guide's hooks
 # ---------------------------------------------------------------------------------------------
-class PPOTrainer:
-    """PPO-RLHF trainer. Keyword arguments: the constants of section 2 (e.g. BATCH_SIZE=2), and
-    resume_from_checkpoint="OUTPUT_DIR/checkpoints/step_N" to continue a run exactly."""
+class PPOStep:
+    """One PPO step and the guide's hooks: the models, the run state, train_step (the rollout
+    recipe, the update, the commit), generate_response / compute_rewards / reward_model_score /
+    evaluate. PPOTrainer (next section) adds the training loop around it."""
 
     def __init__(self, resume_from_checkpoint: Optional[str] = None, **settings):
         from transformers.utils import logging as hf_logging
@@ -1297,7 +1335,6 @@ class PPOTrainer:
         bigrams = list(zip(ids, ids[1:]))
         return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
 
-    # -- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, eval_prompts: List[str]) -> Dict[str, float]:
         """Generate for this process's share of eval_prompts (greedy unless EVAL_GREEDY is False)
@@ -1324,216 +1361,6 @@ class PPOTrainer:
         if has_ref:
             metrics["accuracy"] = correct / has_ref
         return metrics
-
-    def run_evaluation(self, eval_prompts: List[str]) -> Dict[str, float]:
-        """evaluate(), averaged over processes, keys prefixed with eval/, samples logged."""
-        start = time.perf_counter()
-        self.eval_samples = []
-        metrics = self.evaluate(eval_prompts)
-        metrics = self.backend.mean_metrics({k if k.startswith("eval/") else f"eval/{k}": v
-                                             for k, v in metrics.items()})
-        self.state.last_eval_step = self.state.global_step
-        summary = " ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items())
-        metrics["time/eval"] = time.perf_counter() - start
-        logger.info(f"eval at step {self.state.global_step}: {summary}")
-        for sample in self.eval_samples:
-            logger.info(f"  prompt: {sample['prompt']!r}\n  response: {sample['response']!r}\n"
-                        f"  reward: {sample['reward']:.3f}")
-        self.files.samples(self.state.global_step, self.eval_samples)
-        return metrics
-
-    # -- the training loop -------------------------------------------------------------------------
-    def train(self, train_prompts: Optional[List[str]] = None,
-              eval_prompts: Optional[List[str]] = None) -> str:
-        """Train until NUM_EPOCHES, MAX_STEPS or early stopping; without prompts, on TRAIN_DATASETS
-        and EVAL_DATASETS. Returns why it stopped."""
-        if train_prompts is None:
-            train_prompts, eval_prompts, references = load_data(self.cfg)
-            self.references.update(references)
-        eval_prompts = list(eval_prompts or [])
-        check_run_start(self.cfg, self.output_dir, self.checkpoint is not None, eval_prompts)
-        self.prepare_prompts(list(train_prompts) + eval_prompts)
-        self.plan = make_plan(len(train_prompts), self.cfg, self.backend.world)
-        self.state = timed_schedule(self.state, self.plan, self.cfg)
-        if self.checkpoint is not None:
-            self.abandon_later_run()
-        self.files.open(self.state.global_step if self.checkpoint else None)
-        with self.stop_request:        # until the files are closed: a launcher's SIGTERM is caught
-            try:
-                reason = self.run_loop(train_prompts, eval_prompts)
-                if self.state.global_step > max(self.saved_step, 0):
-                    self.save_checkpoint()
-                self.files.close()
-                self.backend.wait()    # no process exits before the main one has closed its files
-            except RuntimeError as e:
-                if self.backend.world == 1 or not is_peer_failure(e):
-                    raise
-                self.files.close()
-                raise TrainingError(f"Another process of this run died or stopped answering "
-                                    f"({first_line(e)}), so this one stops too. The checkpoints "
-                                    "are intact: run again to resume from the latest.") from None
-        if reason == "interrupted":
-            raise TrainingInterrupted(self.stop_request.signum, checkpoint_path(
-                self.output_dir, self.state.global_step) if self.state.global_step else None)
-        logger.info(f"Training finished ({reason}) at step {self.state.global_step}. "
-                    f"Outputs: {self.output_dir}")
-        if self.state.best_step >= 0:
-            logger.info(best_policy_line(self.state, self.cfg, self.output_dir,
-                                         self.last_eval_metric))
-        return reason
-
-    def run_loop(self, train_prompts: List[str], eval_prompts: List[str]) -> str:
-        """The step-0 evaluation and the loop; returns why it stopped."""
-        try:
-            if self.state.global_step == 0 and self.state.last_eval_step < 0 and eval_prompts:
-                metrics, _, error = self.evaluation(eval_prompts)
-                if error:
-                    raise error
-                self.log_row(metrics)
-            return self.train_loop(train_prompts, eval_prompts)
-        except StepDropped:
-            return "interrupted"
-
-    def abandon_later_run(self) -> None:
-        """A resume from an older checkpoint abandons what the run wrote after it: the later
-        checkpoints, and a best/ written later, move aside (set_aside_later). best/ then holds this
-        run's best again: the resumed policy, or the policy of the best step's checkpoint; when
-        neither is on disk the best is tracked afresh."""
-        s = self.state
-        best_moved = self.backend.from_main(
-            set_aside_later(self.output_dir, s.global_step) if self.is_main else None)
-        if not best_moved or s.best_step < 0 or not self.cfg.SAVE_BEST_POLICY:
-            return
-        source = checkpoint_path(self.output_dir, s.best_step) / "policy"
-        if s.best_step == s.global_step:
-            self.save_policy(self.output_dir / "best")
-        elif source.is_dir():
-            self.save_policy(self.output_dir / "best", source)
-        else:
-            logger.warning(f"No checkpoint holds this run's best policy (step {s.best_step}): the "
-                           "best is tracked afresh from the next evaluation.")
-            s.best_metric, s.best_step, s.evals_without_improvement = None, -1, 0
-
-    def train_loop(self, train_prompts: List[str], eval_prompts: List[str]) -> str:
-        cfg, plan, backend = self.cfg, self.plan, self.backend
-        for epoch in range(self.state.epoch, cfg.NUM_EPOCHES):
-            self.state.epoch = epoch
-            order = epoch_order(len(train_prompts), cfg.SEED, epoch)
-            with tqdm(total=plan.steps_per_epoch,
-                      initial=math.ceil(self.state.position / plan.prompts_per_step),
-                      desc=f"Epoch {epoch + 1}/{cfg.NUM_EPOCHES}", disable=not self.is_main,
-                      dynamic_ncols=True, bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} "
-                                                     "[{elapsed}<{remaining}]") as bar:
-                while self.state.position < len(train_prompts):
-                    if self.state.global_step >= plan.total_steps:
-                        return "max_steps"
-                    batch = step_prompt_indices(order, self.state.position, plan.prompts_per_step)
-                    rng = rng_state()
-                    try:
-                        metrics = self.train_step([train_prompts[i]
-                                                   for i in batch[backend.rank::backend.world]])
-                    except StepDropped:                  # undo what the dropped step drew
-                        set_rng_state(rng)
-                        raise
-                    self.state.position = min(self.state.position + plan.prompts_per_step,
-                                              len(train_prompts))
-                    self.state.global_step += 1
-                    bar.update(1)
-                    reason = self.after_step(metrics, eval_prompts, bar)
-                    if reason:
-                        return reason
-            self.state.epoch, self.state.position = epoch + 1, 0
-        return "completed"
-
-    def after_step(self, metrics: Dict[str, float], eval_prompts: List[str], bar) -> Optional[str]:
-        """Evaluate, log, save, and decide whether to stop, after PPO step global_step."""
-        cfg, step = self.cfg, self.state.global_step
-        stopping = self.stop_request.agreed(self.backend)      # the same on every process
-        stop, error = False, None
-        if eval_prompts and not stopping and (
-                step >= self.plan.total_steps or
-                (cfg.EVAL_EVERY_N_STEPS and step % cfg.EVAL_EVERY_N_STEPS == 0)):
-            eval_metrics, stop, error = self.evaluation(eval_prompts)
-            metrics.update(eval_metrics)
-        self.log_row(metrics)
-        bar.set_description_str(f"Epoch {self.state.epoch + 1}/{cfg.NUM_EPOCHES}: "
-                                f"{progress_postfix(metrics)}")
-        if (cfg.SAVE_EVERY_N_STEPS and step % cfg.SAVE_EVERY_N_STEPS == 0) or stop or error:
-            self.save_checkpoint()
-        if error:
-            raise error
-        if stop:
-            logger.info(f"Early stopping: {cfg.EARLY_STOPPING_METRIC} has not improved for "
-                        f"{self.state.evals_without_improvement} evaluations; "
-                        f"best {self.state.best_metric:.4g} at step {self.state.best_step}")
-            return "early_stopping"
-        return "interrupted" if stopping else None
-
-    def evaluation(self, eval_prompts: List[str]) -> Tuple[Dict[str, float], bool, Optional[str]]:
-        """run_evaluation, then EARLY_STOPPING_METRIC's bookkeeping (the step-0 evaluation too):
-        best/ rewritten at an improvement. Returns (metrics, early stop, the error of a metric the
-        evaluation does not produce)."""
-        metrics = self.run_evaluation(eval_prompts)
-        value = metrics.get(self.cfg.EARLY_STOPPING_METRIC)
-        if value is None:
-            return metrics, False, missing_eval_metric(self.cfg, metrics)
-        self.state, improved, stop = track_eval(self.state, value, self.cfg)
-        self.last_eval_metric = value
-        if improved and self.cfg.SAVE_BEST_POLICY:
-            self.save_policy(self.output_dir / "best")
-        return metrics, stop, None
-
-    def log_row(self, metrics: Dict[str, float]) -> None:
-        s = self.state
-        epoch = s.epoch + (s.position / self.plan.prompts if self.plan else 0.0)
-        self.files.log({"step": s.global_step, "epoch": epoch, **metrics}, s.global_step)
-
-    # -- checkpoints -------------------------------------------------------------------------------
-    def save_policy(self, folder: Path, source: Optional[Path] = None) -> None:
-        """best/: the policy (or the one saved in the checkpoint folder `source`) and tokenizer in
-        Hugging Face format, in the model's own dtype, with best.json naming its step; written
-        atomically."""
-        s, cfg = self.state, self.cfg
-        best = {"step": s.best_step, "metric": cfg.EARLY_STOPPING_METRIC, "value": s.best_metric}
-
-        def write(tmp: Path) -> None:
-            if source is None:
-                write_policy(self.policy, self.tokenizer, tmp, tmp / "adapter", cfg,
-                             self.policy_dtype)
-            else:
-                write_model(load_causal_lm("ACTOR_MODEL", str(source), cfg, self.policy_dtype),
-                            self.tokenizer, tmp)
-            (tmp / "best.json").write_text(json.dumps(best))
-        failure = None
-        if self.is_main:
-            try:
-                write_atomically(folder, write)
-            except WRITE_ERRORS as e:
-                failure = (f"Could not write {folder}: {why_not_written(e)}. Free space (or fix "
-                           "permissions); the checkpoints are intact.")
-        failure = self.backend.first_failure(failure)
-        if failure:
-            raise TrainingError(failure)
-
-    def save_checkpoint(self) -> Path:
-        """OUTPUT_DIR/checkpoints/step_N/{policy/, critic/, training_state.pt, config.json},
-        complete or absent; a write that fails fails every process with the same error."""
-        path = checkpoint_path(self.output_dir, self.state.global_step)
-        try:
-            write_checkpoint(path, self.state, self.backend, self.cfg, self.policy, self.critic,
-                             self.tokenizer)
-            failure = None
-        except TrainingError as e:
-            failure = str(e)
-        failure = self.backend.first_failure(failure)
-        if failure:
-            raise TrainingError(failure)
-        self.saved_step = self.state.global_step
-        if self.is_main:
-            rotate_checkpoints(self.output_dir / "checkpoints", self.cfg.SAVE_TOTAL_LIMIT,
-                               keep=self.state.best_step if self.state.best_step >= 0 else None)
-        self.backend.wait()
-        return path
 
     # -- tokens the hooks rely on ------------------------------------------------------------------
     def prepare_prompts(self, prompts: Sequence[str]) -> None:
@@ -1599,392 +1426,225 @@ class PPOTrainer:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Tokens and text: prompts in, responses out, what the reward model reads; answer rules
+# 6. PPOTrainer: the training loop: evaluation, early stopping, checkpoints, resume, signals
 # ---------------------------------------------------------------------------------------------
-def encode_prompts(tokenizer, contents: List[str],
-                   use_template: bool) -> List[Tuple[List[int], str]]:
-    """(token ids, text) the policy conditions on for each prompt content: inside its chat template
-    (which writes any BOS itself), or after the BOS the tokenizer adds."""
-    if not (use_template and tokenizer.chat_template):
-        return list(zip(tokenizer(contents, add_special_tokens=True)["input_ids"], contents))
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
-                                           add_generation_prompt=True) for c in contents]
-    return list(zip(tokenizer(texts, add_special_tokens=False)["input_ids"], texts))
-
-
-def response_texts(tokenizer, prompt_ids: List[List[int]],
-                   response_ids: List[List[int]]) -> List[str]:
-    """Each response decoded after its prompt and cut off that prompt's own decode: the boundary
-    keeps the space the tokenizer puts there (SentencePiece and word-level decoders drop a first
-    token's leading space when a response is decoded alone, which glued "was" + "very" into
-    "wasvery")."""
-    def decode(ids):
-        return tokenizer.batch_decode(ids, skip_special_tokens=True,
-                                      clean_up_tokenization_spaces=False)
-    prompts = decode(prompt_ids)
-    joint = decode([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)])
-    texts = [j[len(p):] if j.startswith(p) else None for p, j in zip(prompts, joint)]
-    alone = decode([r for r, text in zip(response_ids, texts) if text is None])
-    return [text if text is not None else alone.pop(0) for text in texts]
-
-
-TOKENIZER_PROBES = ("Hello world", " a leading space,  two spaces",
-                    "What is 3 + 4?\nThe answer is 7.", "naïve café, 日本語, 🙂", "x\t\ty  \n\nz")
-
-
-def shares_tokenizer(policy_tokenizer, reward_tokenizer) -> bool:
-    """Whether the reward model's tokenizer is the policy's in effect: the same vocabulary and the
-    same ids for the same texts (a path or a class name proves nothing)."""
-    if policy_tokenizer.get_vocab() != reward_tokenizer.get_vocab():
-        return False
-    return all(policy_tokenizer(text, add_special_tokens=False)["input_ids"] ==
-               reward_tokenizer(text, add_special_tokens=False)["input_ids"]
-               for text in TOKENIZER_PROBES)
-
-
-def special_tokens_around(tokenizer) -> Tuple[List[int], List[int]]:
-    """The ids a tokenizer's post-processor puts before and after a text (BOS, EOS, ...)."""
-    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
-    full = tokenizer("x")["input_ids"]
-    for start in range(len(full) - len(bare) + 1):
-        if full[start:start + len(bare)] == bare:
-            return full[:start], full[start + len(bare):]
-    return [], []
-
-
-def reward_ids_from_policy(prompt_ids: List[int], response_ids: List[int], prefix: List[int],
-                           suffix: List[int], limit: Optional[int]) -> List[int]:
-    """A reward model's input made of the policy's own ids: the reward tokenizer's special tokens
-    around prompt + response (a BOS the prompt starts with is not doubled), the content cut from
-    the left to fit `limit`, as the tokenizer truncates text."""
-    content = list(prompt_ids) + list(response_ids)
-    if prefix and content[:len(prefix)] == prefix:
-        content = content[len(prefix):]
-    if limit is not None:
-        content = content[max(0, len(content) - max(1, limit - len(prefix) - len(suffix))):]
-    return list(prefix) + content + list(suffix)
-
-
-def reward_input_limit(tokenizer, model: nn.Module) -> Optional[int]:
-    """The longest input the reward model takes (learned positions end there); None when
-    unbounded."""
-    config = model.config
-    limits = [getattr(config, "max_position_embeddings", None) or
-              getattr(config, "n_positions", None),
-              tokenizer.model_max_length if tokenizer.model_max_length < 1e9 else None]
-    limits = [n for n in limits if n]
-    return min(limits) if limits else None
-
-
-def fit_prompts(tokenizer, prompts: List[str], use_template: bool,
-                limit: int) -> List[Tuple[List[int], str, str]]:
-    """(ids, text, content) the policy conditions on for each prompt: its content inside the chat
-    template (or after the tokenizer's BOS); a prompt longer than `limit` tokens keeps the end of
-    its content, so BOS and the template's header survive."""
-    fitted = []
-    for prompt, (ids, text) in zip(prompts, encode_prompts(tokenizer, prompts, use_template)):
-        content = prompt
-        if len(ids) > limit:
-            content_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            keep = len(content_ids) - (len(ids) - limit)      # the template's tokens stay
-            # re-encoding may merge differently
-            while len(ids) > limit and keep > 0:
-                content = tokenizer.decode(content_ids[-keep:], skip_special_tokens=True)
-                (ids, text), keep = encode_prompts(tokenizer, [content], use_template)[0], keep - 1
-            if len(ids) > limit:
-                raise ConfigError(f"MAX_PROMPT_LENGTH = {limit} leaves no room for a prompt: the "
-                                  f"chat template and special tokens alone take {len(ids)} tokens.")
-        fitted.append((ids, text, content))
-    return fitted
-
-
-def template_turn_end(tokenizer) -> Optional[int]:
-    """The special token the chat template writes right after an assistant's message (<|im_end|>,
-    <|eot_id|>, <end_of_turn>, ...), or None: a base model with a chat template may have another
-    EOS."""
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"},
-                                              {"role": "assistant", "content": "y"}],
-                                             tokenize=False)
-    except Exception:                                # a template that refuses this conversation
-        return None
-    tail = tokenizer(text[text.rfind("y") + 1:], add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
-                                                 if t.special}
-    return next((i for i in tail if i in special), None)
-
-
-def check_generation_prompt(tokenizer) -> None:
-    """USE_CHAT_TEMPLATE needs a template that ends the user's turn: with a generation prompt
-    (ChatML, Llama-3) or a closing marker ([/INST] of Llama-2 / Mistral); one that leaves the user's
-    text open would have the policy continue the user's turn."""
-    messages = [{"role": "user", "content": "ZQXJ"}]
-    with_prompt = tokenizer.apply_chat_template(messages, tokenize=False,
-                                                add_generation_prompt=True)
-    closed = with_prompt[with_prompt.rfind("ZQXJ") + 4:].strip()
-    if with_prompt == tokenizer.apply_chat_template(messages, tokenize=False) and not closed:
-        raise ConfigError("ACTOR_MODEL's chat template neither opens the assistant's turn "
-                          "(add_generation_prompt changes nothing) nor closes the user's, so "
-                          "responses would continue the user's text. Use a template that does, or "
-                          "set USE_CHAT_TEMPLATE = False.")
-
-
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def last_number(text: str) -> Optional[float]:
-    numbers = NUMBER.findall(text)
-    return float(numbers[-1].replace(",", "")) if numbers else None
-
-
-ANSWER_RULES = {  # ANSWER_MATCH: (response, the dataset's reference) -> whether the answer is right
-    # the last numbers agree (GSM8K's "#### 72" and "... the answer is 72." match)
-    "last_number": lambda response, reference: (
-        last_number(response) is not None and last_number(response) == last_number(reference)),
-    "exact": lambda response, reference: response.split() == reference.split(),  # up to spaces
-    "contains": lambda response, reference: reference.strip() in response,
-}
-
-
-def answer_matches(response: str, reference: str, rule: str) -> bool:
-    """The accuracy / reference-reward rule ANSWER_RULES[rule]."""
-    return ANSWER_RULES[rule](response, reference)
-
-
-# ---------------------------------------------------------------------------------------------
-# 7. Step bookkeeping: learning rates, update metrics, evaluations, random state, signals, timing
-# ---------------------------------------------------------------------------------------------
-def learning_rates(state, cfg) -> Tuple[float, float]:
-    """Policy and critic learning rates at the state's optimizer step: schedule (over the state's
-    horizon) x plateau scale x base."""
-    schedule = (lr_factor(state.optimizer_steps, state.lr_horizon, cfg.WARMUP_STEPS,
-                          cfg.LR_SCHEDULER_TYPE, state.lr_restart, state.lr_restart_factor)
-                if cfg.USE_LR_SCHEDULER else 1.0)
-    factor = schedule * state.lr_scale
-    return cfg.LEARNING_RATE * factor, cfg.CRITIC_LEARNING_RATE * factor
-
-
-LR_SCHEDULES = {  # LR_SCHEDULER_TYPE: progress in [0, 1] after warmup -> factor of the base rate
-    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
-    "linear": lambda progress: 1.0 - progress,
-    "constant": lambda progress: 1.0,
-    "plateau": lambda progress: 1.0,            # scaled on evaluation instead (track_eval)
-}
-
-
-def lr_factor(step: int, total_steps: float, warmup_steps: int, kind: str, restart: int = 0,
-              restart_factor: float = 1.0) -> float:
-    """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then the
-    schedule LR_SCHEDULES[kind] until total_steps (inf: no end, so no decay). A schedule re-timed
-    at optimizer step `restart` goes on from restart_factor there, over what is left."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    start = max(warmup_steps, restart)
-    progress = min(1.0, (step - start) / max(1, total_steps - start))
-    return restart_factor * LR_SCHEDULES[kind](progress)
-
-
-def timed_schedule(state, plan, cfg) -> "TrainState":
-    """The state with its learning-rate horizon set to the plan's optimizer steps, as a run starts.
-    A resumed run whose plan has another length (MAX_STEPS, NUM_EPOCHES or the data changed)
-    re-times what is left of its schedule: from the factor it reached, over the optimizer steps
-    left, so the rate never jumps back up (the second audit's N6)."""
-    s = dataclasses.replace(state)
-    if s.lr_horizon == plan.optimizer_steps:
-        return s
-    if math.isfinite(s.lr_horizon) and cfg.USE_LR_SCHEDULER:
-        s.lr_restart = max(s.optimizer_steps, cfg.WARMUP_STEPS)
-        s.lr_restart_factor = lr_factor(s.lr_restart, s.lr_horizon, cfg.WARMUP_STEPS,
-                                        cfg.LR_SCHEDULER_TYPE, state.lr_restart,
-                                        state.lr_restart_factor)
-        logger.warning(f"The run now plans {plan.optimizer_steps} optimizer steps instead of "
-                       f"{int(s.lr_horizon)} (MAX_STEPS, NUM_EPOCHES or the data changed): the "
-                       f"learning-rate schedule is re-timed, from {s.lr_restart_factor:.3g} x the "
-                       f"base rate at optimizer step {s.lr_restart} to its end at step "
-                       f"{plan.optimizer_steps}. To train on at the base rate instead, resume "
-                       "with USE_LR_SCHEDULER = False.")
-    s.lr_horizon = plan.optimizer_steps
-    return s
-
-
-def update_metrics(sums: Dict[str, torch.Tensor], norms: torch.Tensor, epochs: int,
-                   skipped: int, empty: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """The update's log rows from ppo_loss's sums over the whole update and the gradient norms
-    (optimizer steps, models); NaN sums and norms give the same keys for a step whose update was
-    skipped. skipped counts every optimizer step not taken; empty (DYNAMIC_SAMPLING) those of
-    them with no row to train, which are not NaN skips."""
-    per_token = {name: value / sums["tokens"].clamp(min=1) for name, value in sums.items()}
-    metrics = {"ppo/loss/policy": per_token["pg_loss"],
-               "ppo/policy/entropy": per_token["entropy"],
-               "ppo/policy/clipfrac": per_token["pg_clipped"],
-               "ppo/policy/approx_kl": per_token["approx_kl"],
-               "ppo/ratio_mean": per_token["ratio"],
-               "ppo/epochs": torch.tensor(float(epochs)),
-               "ppo/skipped_optimizer_steps": torch.tensor(float(skipped)),
-               **({} if empty is None else {"ppo/empty_minibatches": torch.tensor(float(empty))}),
-               "grad_norm/policy": norms[:, 0].nanmean()}
-    if "kl_loss" in sums:
-        metrics["ppo/loss/kl"] = per_token["kl_loss"]
-    if "vf_loss" in sums:
-        metrics["ppo/loss/value"] = per_token["vf_loss"]
-        metrics["ppo/val/clipfrac"] = per_token["vf_clipped"]
-        metrics["grad_norm/critic"] = norms[:, 1].nanmean()
-    return metrics
-
-
-def skipped_update_metrics(optimizer_steps: int, with_critic: bool, cfg,
-                           nothing_to_learn: bool) -> Dict[str, torch.Tensor]:
-    """update_metrics' keys for a step whose update did not run (a NaN, or nothing to learn):
-    NaN statistics, every optimizer step skipped."""
-    names = ("tokens", "pg_loss", "entropy", "pg_clipped", "approx_kl", "ratio") + (
-        ("vf_loss", "vf_clipped") if with_critic else ()) + (("kl_loss",) if cfg.KL_IN_LOSS else ())
-    nan = torch.tensor(math.nan)
-    empty = (optimizer_steps if nothing_to_learn else 0) if cfg.DYNAMIC_SAMPLING else None
-    return update_metrics(dict.fromkeys(names, nan), torch.full((1, 2), math.nan), 0,
-                          optimizer_steps, empty)
-
-
-def eval_metric_in_use(cfg: Config) -> bool:
-    """EARLY_STOPPING_METRIC drives early stopping, or the "plateau" learning-rate schedule."""
-    return bool(cfg.EARLY_STOPPING_PATIENCE) or (cfg.USE_LR_SCHEDULER and
-                                                 cfg.LR_SCHEDULER_TYPE == "plateau")
-
-
-def missing_eval_metric(cfg: Config, metrics: Dict[str, float]) -> Optional[ConfigError]:
-    """The error for an EARLY_STOPPING_METRIC that the evaluation does not produce (even while
-    nothing uses it: a name that is never there is a typo, better caught before it is switched
-    on)."""
-    if cfg.EARLY_STOPPING_METRIC in metrics:
-        return None
-    return ConfigError(f"EARLY_STOPPING_METRIC = {cfg.EARLY_STOPPING_METRIC!r} is not an "
-                       "evaluation metric; "
-                       f"available: {sorted(k for k in metrics if k.startswith('eval/'))}.")
-
-
-def track_eval(state: TrainState, value: float, cfg: Config) -> Tuple[TrainState, bool, bool]:
-    """Early stopping and the "plateau" schedule after an evaluation whose EARLY_STOPPING_METRIC is
-    value (higher is better): (new state, improved, stop)."""
-    s = dataclasses.replace(state)
-    improved = s.best_metric is None or value > s.best_metric + cfg.EARLY_STOPPING_MIN_DELTA
-    if improved:
-        s.best_metric, s.best_step, s.evals_without_improvement, s.plateau_bad_evals = (
-            value, s.global_step, 0, 0)
-    else:
-        s.evals_without_improvement += 1
-        s.plateau_bad_evals += 1
-    if (cfg.USE_LR_SCHEDULER and cfg.LR_SCHEDULER_TYPE == "plateau" and
-            s.plateau_bad_evals >= cfg.PLATEAU_PATIENCE):
-        s.lr_scale *= cfg.PLATEAU_FACTOR
-        s.plateau_bad_evals = 0
-        logger.info(f"{cfg.EARLY_STOPPING_METRIC} has not improved for {cfg.PLATEAU_PATIENCE} "
-                    f"evaluations: learning rates x {cfg.PLATEAU_FACTOR} "
-                    f"(now x {s.lr_scale:.4g} of the base)")
-    stop = (bool(cfg.EARLY_STOPPING_PATIENCE) and
-            s.evals_without_improvement >= cfg.EARLY_STOPPING_PATIENCE)
-    return s, improved, stop
-
-
-def rng_state() -> dict:
-    """Python, NumPy and torch generator states, as types torch.load(weights_only=True) accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> List[int]:
-    """The order of the training prompts in an epoch: the same on every process and after a
-    resume."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-
-
-class TrainingError(Exception):
-    """The run cannot go on (repeated NaN, bad output of an override): one message, exit 1."""
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT / SIGTERM: a checkpoint of the last completed step was written."""
-
-    def __init__(self, signum: int, checkpoint: Optional[Path]):
-        super().__init__(signum, checkpoint)
-        self.signum, self.checkpoint = signum, checkpoint
-
-
-class StepDropped(Exception):
-    """A signal arrived before the update of the step in flight began: the step is dropped."""
-
-
-class StopRequest:
-    """SIGINT / SIGTERM while training: the first finishes (or drops) the step in flight, then the
-    run saves and exits; a second exits at once."""
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self.previous: dict = {}
-
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        logger.warning(f"Received {signal.Signals(signum).name}: stopping after the step in flight "
-                       "and saving a checkpoint. Press Ctrl-C again to exit at once (no checkpoint "
-                       "of this step).")
-
-    def __enter__(self):
-        threading = sys.modules["threading"]
-        # signals reach the main thread only
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self.handle)
-                             for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
-
-    def agreed(self, backend: "Backend") -> bool:
-        """Whether a signal arrived on any process: every process gets the same answer, so none
-        takes a branch the others do not (a signal may reach one process only: a preempted node, a
-        killed worker)."""
-        received = torch.tensor(float(self.signum is not None), device=backend.device)
-        return bool(backend.all_sum(received) > 0)
-
-    def check(self, backend: "Backend") -> None:
-        """Drop the step in flight when a signal arrived on any process."""
-        if self.agreed(backend):
-            raise StepDropped()
-
-
-class Timer(dict):
-    """Seconds per phase of one step: `with timer("generate"): ...` (waits for the GPU to
-    finish)."""
-
-    def __init__(self, device: torch.device):
-        super().__init__()
-        self.device = device
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
+class PPOTrainer(PPOStep):
+    """PPO-RLHF trainer. Keyword arguments: the constants of section 2 (e.g. BATCH_SIZE=2), and
+    resume_from_checkpoint="OUTPUT_DIR/checkpoints/step_N" to continue a run exactly."""
+
+    def train(self, train_prompts: Optional[List[str]] = None,
+              eval_prompts: Optional[List[str]] = None) -> str:
+        """Train until NUM_EPOCHES, MAX_STEPS or early stopping; without prompts, on TRAIN_DATASETS
+        and EVAL_DATASETS. Returns why it stopped."""
+        if train_prompts is None:
+            train_prompts, eval_prompts, references = load_data(self.cfg)
+            self.references.update(references)
+        eval_prompts = list(eval_prompts or [])
+        check_run_start(self.cfg, self.output_dir, self.checkpoint is not None, eval_prompts)
+        self.prepare_prompts(list(train_prompts) + eval_prompts)
+        self.plan = make_plan(len(train_prompts), self.cfg, self.backend.world)
+        self.state = timed_schedule(self.state, self.plan, self.cfg)
+        if self.checkpoint is not None:
+            self.abandon_later_run()
+        self.files.open(self.state.global_step if self.checkpoint else None)
+        with self.stop_request:        # until the files are closed: a launcher's SIGTERM is caught
+            try:
+                reason = self.run_loop(train_prompts, eval_prompts)
+                if self.state.global_step > max(self.saved_step, 0):
+                    self.save_checkpoint()
+                self.files.close()
+                self.backend.wait()    # no process exits before the main one has closed its files
+            except RuntimeError as e:
+                if self.backend.world == 1 or not is_peer_failure(e):
+                    raise
+                self.files.close()
+                raise TrainingError(f"Another process of this run died or stopped answering "
+                                    f"({first_line(e)}), so this one stops too. The checkpoints "
+                                    "are intact: run again to resume from the latest.") from None
+        if reason == "interrupted":
+            raise TrainingInterrupted(self.stop_request.signum, checkpoint_path(
+                self.output_dir, self.state.global_step) if self.state.global_step else None)
+        logger.info(f"Training finished ({reason}) at step {self.state.global_step}. "
+                    f"Outputs: {self.output_dir}")
+        if self.state.best_step >= 0:
+            logger.info(best_policy_line(self.state, self.cfg, self.output_dir,
+                                         self.last_eval_metric))
+        return reason
+
+    def run_loop(self, train_prompts: List[str], eval_prompts: List[str]) -> str:
+        """The step-0 evaluation and the loop; returns why it stopped."""
+        try:
+            if self.state.global_step == 0 and self.state.last_eval_step < 0 and eval_prompts:
+                metrics, _, error = self.evaluation(eval_prompts)
+                if error:
+                    raise error
+                self.log_row(metrics)
+            return self.train_loop(train_prompts, eval_prompts)
+        except StepDropped:
+            return "interrupted"
+
+    def train_loop(self, train_prompts: List[str], eval_prompts: List[str]) -> str:
+        cfg, plan, backend = self.cfg, self.plan, self.backend
+        for epoch in range(self.state.epoch, cfg.NUM_EPOCHES):
+            self.state.epoch = epoch
+            order = epoch_order(len(train_prompts), cfg.SEED, epoch)
+            with tqdm(total=plan.steps_per_epoch,
+                      initial=math.ceil(self.state.position / plan.prompts_per_step),
+                      desc=f"Epoch {epoch + 1}/{cfg.NUM_EPOCHES}", disable=not self.is_main,
+                      dynamic_ncols=True, bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} "
+                                                     "[{elapsed}<{remaining}]") as bar:
+                while self.state.position < len(train_prompts):
+                    if self.state.global_step >= plan.total_steps:
+                        return "max_steps"
+                    batch = step_prompt_indices(order, self.state.position, plan.prompts_per_step)
+                    rng = rng_state()
+                    try:
+                        metrics = self.train_step([train_prompts[i]
+                                                   for i in batch[backend.rank::backend.world]])
+                    except StepDropped:                  # undo what the dropped step drew
+                        set_rng_state(rng)
+                        raise
+                    self.state.position = min(self.state.position + plan.prompts_per_step,
+                                              len(train_prompts))
+                    self.state.global_step += 1
+                    bar.update(1)
+                    reason = self.after_step(metrics, eval_prompts, bar)
+                    if reason:
+                        return reason
+            self.state.epoch, self.state.position = epoch + 1, 0
+        return "completed"
+
+    def after_step(self, metrics: Dict[str, float], eval_prompts: List[str], bar) -> Optional[str]:
+        """Evaluate, log, save, and decide whether to stop, after PPO step global_step."""
+        cfg, step = self.cfg, self.state.global_step
+        stopping = self.stop_request.agreed(self.backend)      # the same on every process
+        stop, error = False, None
+        if eval_prompts and not stopping and (
+                step >= self.plan.total_steps or
+                (cfg.EVAL_EVERY_N_STEPS and step % cfg.EVAL_EVERY_N_STEPS == 0)):
+            eval_metrics, stop, error = self.evaluation(eval_prompts)
+            metrics.update(eval_metrics)
+        self.log_row(metrics)
+        bar.set_description_str(f"Epoch {self.state.epoch + 1}/{cfg.NUM_EPOCHES}: "
+                                f"{progress_postfix(metrics)}")
+        if (cfg.SAVE_EVERY_N_STEPS and step % cfg.SAVE_EVERY_N_STEPS == 0) or stop or error:
+            self.save_checkpoint()
+        if error:
+            raise error
+        if stop:
+            logger.info(f"Early stopping: {cfg.EARLY_STOPPING_METRIC} has not improved for "
+                        f"{self.state.evals_without_improvement} evaluations; "
+                        f"best {self.state.best_metric:.4g} at step {self.state.best_step}")
+            return "early_stopping"
+        return "interrupted" if stopping else None
+
+    # -- evaluations: early stopping, the best policy ----------------------------------------------
+    def evaluation(self, eval_prompts: List[str]) -> Tuple[Dict[str, float], bool, Optional[str]]:
+        """run_evaluation, then EARLY_STOPPING_METRIC's bookkeeping (the step-0 evaluation too):
+        best/ rewritten at an improvement. Returns (metrics, early stop, the error of a metric the
+        evaluation does not produce)."""
+        metrics = self.run_evaluation(eval_prompts)
+        value = metrics.get(self.cfg.EARLY_STOPPING_METRIC)
+        if value is None:
+            return metrics, False, missing_eval_metric(self.cfg, metrics)
+        self.state, improved, stop = track_eval(self.state, value, self.cfg)
+        self.last_eval_metric = value
+        if improved and self.cfg.SAVE_BEST_POLICY:
+            self.save_policy(self.output_dir / "best")
+        return metrics, stop, None
+
+    def run_evaluation(self, eval_prompts: List[str]) -> Dict[str, float]:
+        """evaluate(), averaged over processes, keys prefixed with eval/, samples logged."""
         start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self[name] = self.get(name, 0.0) + time.perf_counter() - start
+        self.eval_samples = []
+        metrics = self.evaluate(eval_prompts)
+        metrics = self.backend.mean_metrics({k if k.startswith("eval/") else f"eval/{k}": v
+                                             for k, v in metrics.items()})
+        self.state.last_eval_step = self.state.global_step
+        summary = " ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items())
+        metrics["time/eval"] = time.perf_counter() - start
+        logger.info(f"eval at step {self.state.global_step}: {summary}")
+        for sample in self.eval_samples:
+            logger.info(f"  prompt: {sample['prompt']!r}\n  response: {sample['response']!r}\n"
+                        f"  reward: {sample['reward']:.3f}")
+        self.files.samples(self.state.global_step, self.eval_samples)
+        return metrics
+
+    def log_row(self, metrics: Dict[str, float]) -> None:
+        s = self.state
+        epoch = s.epoch + (s.position / self.plan.prompts if self.plan else 0.0)
+        self.files.log({"step": s.global_step, "epoch": epoch, **metrics}, s.global_step)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def abandon_later_run(self) -> None:
+        """A resume from an older checkpoint abandons what the run wrote after it: the later
+        checkpoints, and a best/ written later, move aside (set_aside_later). best/ then holds this
+        run's best again: the resumed policy, or the policy of the best step's checkpoint; when
+        neither is on disk the best is tracked afresh."""
+        s = self.state
+        best_moved = self.backend.from_main(
+            set_aside_later(self.output_dir, s.global_step) if self.is_main else None)
+        if not best_moved or s.best_step < 0 or not self.cfg.SAVE_BEST_POLICY:
+            return
+        source = checkpoint_path(self.output_dir, s.best_step) / "policy"
+        if s.best_step == s.global_step:
+            self.save_policy(self.output_dir / "best")
+        elif source.is_dir():
+            self.save_policy(self.output_dir / "best", source)
+        else:
+            logger.warning(f"No checkpoint holds this run's best policy (step {s.best_step}): the "
+                           "best is tracked afresh from the next evaluation.")
+            s.best_metric, s.best_step, s.evals_without_improvement = None, -1, 0
+
+    def save_policy(self, folder: Path, source: Optional[Path] = None) -> None:
+        """best/: the policy (or the one saved in the checkpoint folder `source`) and tokenizer in
+        Hugging Face format, in the model's own dtype, with best.json naming its step; written
+        atomically."""
+        s, cfg = self.state, self.cfg
+        best = {"step": s.best_step, "metric": cfg.EARLY_STOPPING_METRIC, "value": s.best_metric}
+
+        def write(tmp: Path) -> None:
+            if source is None:
+                write_policy(self.policy, self.tokenizer, tmp, tmp / "adapter", cfg,
+                             self.policy_dtype)
+            else:
+                write_model(load_causal_lm("ACTOR_MODEL", str(source), cfg, self.policy_dtype),
+                            self.tokenizer, tmp)
+            (tmp / "best.json").write_text(json.dumps(best))
+        failure = None
+        if self.is_main:
+            try:
+                write_atomically(folder, write)
+            except WRITE_ERRORS as e:
+                failure = (f"Could not write {folder}: {why_not_written(e)}. Free space (or fix "
+                           "permissions); the checkpoints are intact.")
+        failure = self.backend.first_failure(failure)
+        if failure:
+            raise TrainingError(failure)
+
+    def save_checkpoint(self) -> Path:
+        """OUTPUT_DIR/checkpoints/step_N/{policy/, critic/, training_state.pt, config.json},
+        complete or absent; a write that fails fails every process with the same error."""
+        path = checkpoint_path(self.output_dir, self.state.global_step)
+        try:
+            write_checkpoint(path, self.state, self.backend, self.cfg, self.policy, self.critic,
+                             self.tokenizer)
+            failure = None
+        except TrainingError as e:
+            failure = str(e)
+        failure = self.backend.first_failure(failure)
+        if failure:
+            raise TrainingError(failure)
+        self.saved_step = self.state.global_step
+        if self.is_main:
+            rotate_checkpoints(self.output_dir / "checkpoints", self.cfg.SAVE_TOTAL_LIMIT,
+                               keep=self.state.best_step if self.state.best_step >= 0 else None)
+        self.backend.wait()
+        return path
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Backend: one process, DDP, fp16 and DeepSpeed ZeRO behind one interface
+# 7. Processes: the backend (one process, DDP, fp16, DeepSpeed ZeRO), signals, timing
 # ---------------------------------------------------------------------------------------------
 def use_cpu(cfg: Config) -> bool:
     """CPU when asked or when there is no GPU (then accelerate's multi-process backend is gloo)."""
@@ -2218,8 +1878,356 @@ class DeepSpeedBackend(Backend):
             mine.data.copy_(theirs)
 
 
+class TrainingError(Exception):
+    """The run cannot go on (repeated NaN, bad output of an override): one message, exit 1."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM: a checkpoint of the last completed step was written."""
+
+    def __init__(self, signum: int, checkpoint: Optional[Path]):
+        super().__init__(signum, checkpoint)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+class StepDropped(Exception):
+    """A signal arrived before the update of the step in flight began: the step is dropped."""
+
+
+class StopRequest:
+    """SIGINT / SIGTERM while training: the first finishes (or drops) the step in flight, then the
+    run saves and exits; a second exits at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous: dict = {}
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning(f"Received {signal.Signals(signum).name}: stopping after the step in flight "
+                       "and saving a checkpoint. Press Ctrl-C again to exit at once (no checkpoint "
+                       "of this step).")
+
+    def __enter__(self):
+        threading = sys.modules["threading"]
+        # signals reach the main thread only
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle)
+                             for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def agreed(self, backend: "Backend") -> bool:
+        """Whether a signal arrived on any process: every process gets the same answer, so none
+        takes a branch the others do not (a signal may reach one process only: a preempted node, a
+        killed worker)."""
+        received = torch.tensor(float(self.signum is not None), device=backend.device)
+        return bool(backend.all_sum(received) > 0)
+
+    def check(self, backend: "Backend") -> None:
+        """Drop the step in flight when a signal arrived on any process."""
+        if self.agreed(backend):
+            raise StepDropped()
+
+
+class Timer(dict):
+    """Seconds per phase of one step: `with timer("generate"): ...` (waits for the GPU to
+    finish)."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self[name] = self.get(name, 0.0) + time.perf_counter() - start
+
+
 # ---------------------------------------------------------------------------------------------
-# 9. Configuration loading and checks: constants < JSON/YAML file < --NAME=value < PPOTrainer(**kw)
+# 8. Tokens and text: prompts in, responses out, what the reward model reads; answer rules
+# ---------------------------------------------------------------------------------------------
+def encode_prompts(tokenizer, contents: List[str],
+                   use_template: bool) -> List[Tuple[List[int], str]]:
+    """(token ids, text) the policy conditions on for each prompt content: inside its chat template
+    (which writes any BOS itself), or after the BOS the tokenizer adds."""
+    if not (use_template and tokenizer.chat_template):
+        return list(zip(tokenizer(contents, add_special_tokens=True)["input_ids"], contents))
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                           add_generation_prompt=True) for c in contents]
+    return list(zip(tokenizer(texts, add_special_tokens=False)["input_ids"], texts))
+
+
+def response_texts(tokenizer, prompt_ids: List[List[int]],
+                   response_ids: List[List[int]]) -> List[str]:
+    """Each response decoded after its prompt and cut off that prompt's own decode: the boundary
+    keeps the space the tokenizer puts there (SentencePiece and word-level decoders drop a first
+    token's leading space when a response is decoded alone, which glued "was" + "very" into
+    "wasvery")."""
+    def decode(ids):
+        return tokenizer.batch_decode(ids, skip_special_tokens=True,
+                                      clean_up_tokenization_spaces=False)
+    prompts = decode(prompt_ids)
+    joint = decode([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)])
+    texts = [j[len(p):] if j.startswith(p) else None for p, j in zip(prompts, joint)]
+    alone = decode([r for r, text in zip(response_ids, texts) if text is None])
+    return [text if text is not None else alone.pop(0) for text in texts]
+
+
+TOKENIZER_PROBES = ("Hello world", " a leading space,  two spaces",
+                    "What is 3 + 4?\nThe answer is 7.", "naïve café, 日本語, 🙂", "x\t\ty  \n\nz")
+
+
+def shares_tokenizer(policy_tokenizer, reward_tokenizer) -> bool:
+    """Whether the reward model's tokenizer is the policy's in effect: the same vocabulary and the
+    same ids for the same texts (a path or a class name proves nothing)."""
+    if policy_tokenizer.get_vocab() != reward_tokenizer.get_vocab():
+        return False
+    return all(policy_tokenizer(text, add_special_tokens=False)["input_ids"] ==
+               reward_tokenizer(text, add_special_tokens=False)["input_ids"]
+               for text in TOKENIZER_PROBES)
+
+
+def special_tokens_around(tokenizer) -> Tuple[List[int], List[int]]:
+    """The ids a tokenizer's post-processor puts before and after a text (BOS, EOS, ...)."""
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return full[:start], full[start + len(bare):]
+    return [], []
+
+
+def reward_ids_from_policy(prompt_ids: List[int], response_ids: List[int], prefix: List[int],
+                           suffix: List[int], limit: Optional[int]) -> List[int]:
+    """A reward model's input made of the policy's own ids: the reward tokenizer's special tokens
+    around prompt + response (a BOS the prompt starts with is not doubled), the content cut from
+    the left to fit `limit`, as the tokenizer truncates text."""
+    content = list(prompt_ids) + list(response_ids)
+    if prefix and content[:len(prefix)] == prefix:
+        content = content[len(prefix):]
+    if limit is not None:
+        content = content[max(0, len(content) - max(1, limit - len(prefix) - len(suffix))):]
+    return list(prefix) + content + list(suffix)
+
+
+def reward_input_limit(tokenizer, model: nn.Module) -> Optional[int]:
+    """The longest input the reward model takes (learned positions end there); None when
+    unbounded."""
+    config = model.config
+    limits = [getattr(config, "max_position_embeddings", None) or
+              getattr(config, "n_positions", None),
+              tokenizer.model_max_length if tokenizer.model_max_length < 1e9 else None]
+    limits = [n for n in limits if n]
+    return min(limits) if limits else None
+
+
+def fit_prompts(tokenizer, prompts: List[str], use_template: bool,
+                limit: int) -> List[Tuple[List[int], str, str]]:
+    """(ids, text, content) the policy conditions on for each prompt: its content inside the chat
+    template (or after the tokenizer's BOS); a prompt longer than `limit` tokens keeps the end of
+    its content, so BOS and the template's header survive."""
+    fitted = []
+    for prompt, (ids, text) in zip(prompts, encode_prompts(tokenizer, prompts, use_template)):
+        content = prompt
+        if len(ids) > limit:
+            content_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            keep = len(content_ids) - (len(ids) - limit)      # the template's tokens stay
+            # re-encoding may merge differently
+            while len(ids) > limit and keep > 0:
+                content = tokenizer.decode(content_ids[-keep:], skip_special_tokens=True)
+                (ids, text), keep = encode_prompts(tokenizer, [content], use_template)[0], keep - 1
+            if len(ids) > limit:
+                raise ConfigError(f"MAX_PROMPT_LENGTH = {limit} leaves no room for a prompt: the "
+                                  f"chat template and special tokens alone take {len(ids)} tokens.")
+        fitted.append((ids, text, content))
+    return fitted
+
+
+def template_turn_end(tokenizer) -> Optional[int]:
+    """The special token the chat template writes right after an assistant's message (<|im_end|>,
+    <|eot_id|>, <end_of_turn>, ...), or None: a base model with a chat template may have another
+    EOS."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"},
+                                              {"role": "assistant", "content": "y"}],
+                                             tokenize=False)
+    except Exception:                                # a template that refuses this conversation
+        return None
+    tail = tokenizer(text[text.rfind("y") + 1:], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
+                                                 if t.special}
+    return next((i for i in tail if i in special), None)
+
+
+def check_generation_prompt(tokenizer) -> None:
+    """USE_CHAT_TEMPLATE needs a template that ends the user's turn: with a generation prompt
+    (ChatML, Llama-3) or a closing marker ([/INST] of Llama-2 / Mistral); one that leaves the user's
+    text open would have the policy continue the user's turn."""
+    messages = [{"role": "user", "content": "ZQXJ"}]
+    with_prompt = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                add_generation_prompt=True)
+    closed = with_prompt[with_prompt.rfind("ZQXJ") + 4:].strip()
+    if with_prompt == tokenizer.apply_chat_template(messages, tokenize=False) and not closed:
+        raise ConfigError("ACTOR_MODEL's chat template neither opens the assistant's turn "
+                          "(add_generation_prompt changes nothing) nor closes the user's, so "
+                          "responses would continue the user's text. Use a template that does, or "
+                          "set USE_CHAT_TEMPLATE = False.")
+
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number(text: str) -> Optional[float]:
+    numbers = NUMBER.findall(text)
+    return float(numbers[-1].replace(",", "")) if numbers else None
+
+
+ANSWER_RULES = {  # ANSWER_MATCH: (response, the dataset's reference) -> whether the answer is right
+    # the last numbers agree (GSM8K's "#### 72" and "... the answer is 72." match)
+    "last_number": lambda response, reference: (
+        last_number(response) is not None and last_number(response) == last_number(reference)),
+    "exact": lambda response, reference: response.split() == reference.split(),  # up to spaces
+    "contains": lambda response, reference: reference.strip() in response,
+}
+
+
+def answer_matches(response: str, reference: str, rule: str) -> bool:
+    """The accuracy / reference-reward rule ANSWER_RULES[rule]."""
+    return ANSWER_RULES[rule](response, reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Run bookkeeping: learning-rate schedules, evaluations, random state
+# ---------------------------------------------------------------------------------------------
+def learning_rates(state, cfg) -> Tuple[float, float]:
+    """Policy and critic learning rates at the state's optimizer step: schedule (over the state's
+    horizon) x plateau scale x base."""
+    schedule = (lr_factor(state.optimizer_steps, state.lr_horizon, cfg.WARMUP_STEPS,
+                          cfg.LR_SCHEDULER_TYPE, state.lr_restart, state.lr_restart_factor)
+                if cfg.USE_LR_SCHEDULER else 1.0)
+    factor = schedule * state.lr_scale
+    return cfg.LEARNING_RATE * factor, cfg.CRITIC_LEARNING_RATE * factor
+
+
+LR_SCHEDULES = {  # LR_SCHEDULER_TYPE: progress in [0, 1] after warmup -> factor of the base rate
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "linear": lambda progress: 1.0 - progress,
+    "constant": lambda progress: 1.0,
+    "plateau": lambda progress: 1.0,            # scaled on evaluation instead (track_eval)
+}
+
+
+def lr_factor(step: int, total_steps: float, warmup_steps: int, kind: str, restart: int = 0,
+              restart_factor: float = 1.0) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then the
+    schedule LR_SCHEDULES[kind] until total_steps (inf: no end, so no decay). A schedule re-timed
+    at optimizer step `restart` goes on from restart_factor there, over what is left."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    start = max(warmup_steps, restart)
+    progress = min(1.0, (step - start) / max(1, total_steps - start))
+    return restart_factor * LR_SCHEDULES[kind](progress)
+
+
+def timed_schedule(state, plan, cfg) -> "TrainState":
+    """The state with its learning-rate horizon set to the plan's optimizer steps, as a run starts.
+    A resumed run whose plan has another length (MAX_STEPS, NUM_EPOCHES or the data changed)
+    re-times what is left of its schedule: from the factor it reached, over the optimizer steps
+    left, so the rate never jumps back up (the second audit's N6)."""
+    s = dataclasses.replace(state)
+    if s.lr_horizon == plan.optimizer_steps:
+        return s
+    if math.isfinite(s.lr_horizon) and cfg.USE_LR_SCHEDULER:
+        s.lr_restart = max(s.optimizer_steps, cfg.WARMUP_STEPS)
+        s.lr_restart_factor = lr_factor(s.lr_restart, s.lr_horizon, cfg.WARMUP_STEPS,
+                                        cfg.LR_SCHEDULER_TYPE, state.lr_restart,
+                                        state.lr_restart_factor)
+        logger.warning(f"The run now plans {plan.optimizer_steps} optimizer steps instead of "
+                       f"{int(s.lr_horizon)} (MAX_STEPS, NUM_EPOCHES or the data changed): the "
+                       f"learning-rate schedule is re-timed, from {s.lr_restart_factor:.3g} x the "
+                       f"base rate at optimizer step {s.lr_restart} to its end at step "
+                       f"{plan.optimizer_steps}. To train on at the base rate instead, resume "
+                       "with USE_LR_SCHEDULER = False.")
+    s.lr_horizon = plan.optimizer_steps
+    return s
+
+
+def eval_metric_in_use(cfg: Config) -> bool:
+    """EARLY_STOPPING_METRIC drives early stopping, or the "plateau" learning-rate schedule."""
+    return bool(cfg.EARLY_STOPPING_PATIENCE) or (cfg.USE_LR_SCHEDULER and
+                                                 cfg.LR_SCHEDULER_TYPE == "plateau")
+
+
+def missing_eval_metric(cfg: Config, metrics: Dict[str, float]) -> Optional[ConfigError]:
+    """The error for an EARLY_STOPPING_METRIC that the evaluation does not produce (even while
+    nothing uses it: a name that is never there is a typo, better caught before it is switched
+    on)."""
+    if cfg.EARLY_STOPPING_METRIC in metrics:
+        return None
+    return ConfigError(f"EARLY_STOPPING_METRIC = {cfg.EARLY_STOPPING_METRIC!r} is not an "
+                       "evaluation metric; "
+                       f"available: {sorted(k for k in metrics if k.startswith('eval/'))}.")
+
+
+def track_eval(state: TrainState, value: float, cfg: Config) -> Tuple[TrainState, bool, bool]:
+    """Early stopping and the "plateau" schedule after an evaluation whose EARLY_STOPPING_METRIC is
+    value (higher is better): (new state, improved, stop)."""
+    s = dataclasses.replace(state)
+    improved = s.best_metric is None or value > s.best_metric + cfg.EARLY_STOPPING_MIN_DELTA
+    if improved:
+        s.best_metric, s.best_step, s.evals_without_improvement, s.plateau_bad_evals = (
+            value, s.global_step, 0, 0)
+    else:
+        s.evals_without_improvement += 1
+        s.plateau_bad_evals += 1
+    if (cfg.USE_LR_SCHEDULER and cfg.LR_SCHEDULER_TYPE == "plateau" and
+            s.plateau_bad_evals >= cfg.PLATEAU_PATIENCE):
+        s.lr_scale *= cfg.PLATEAU_FACTOR
+        s.plateau_bad_evals = 0
+        logger.info(f"{cfg.EARLY_STOPPING_METRIC} has not improved for {cfg.PLATEAU_PATIENCE} "
+                    f"evaluations: learning rates x {cfg.PLATEAU_FACTOR} "
+                    f"(now x {s.lr_scale:.4g} of the base)")
+    stop = (bool(cfg.EARLY_STOPPING_PATIENCE) and
+            s.evals_without_improvement >= cfg.EARLY_STOPPING_PATIENCE)
+    return s, improved, stop
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch generator states, as types torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> List[int]:
+    """The order of the training prompts in an epoch: the same on every process and after a
+    resume."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Configuration loading and checks: constants < JSON/YAML file < --NAME=value < PPOTrainer(**kw)
 # ---------------------------------------------------------------------------------------------
 CHOICES = {  # the string settings: the names of their tables, or the values the backend knows
     "LR_SCHEDULER_TYPE": tuple(LR_SCHEDULES), "KL_ESTIMATOR": tuple(KL_ESTIMATORS),
@@ -2395,8 +2403,6 @@ RULES = [  # settings that cannot work together: (whether the settings break the
     (lambda c: not 0 <= c.OVERLONG_BUFFER <= c.MAX_NEW_TOKENS,
      "OVERLONG_BUFFER = {OVERLONG_BUFFER!r} must be in [0, MAX_NEW_TOKENS = {MAX_NEW_TOKENS}]."),
 ]
-
-
 WARNINGS = [  # settings that work but are likely mistakes: (whether they apply, the warning)
     (lambda c: c.POLICY_LOSS == "gspo" and max(clip_ranges(c)) > 0.01,
      "POLICY_LOSS = 'gspo' clips a sequence ratio that is a geometric mean over its tokens, so a "
@@ -2445,7 +2451,7 @@ def describe_objective(cfg: Config) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. Data: prompt datasets in the guide's format, read with the `datasets` library
+# 11. Data: prompt datasets in the guide's format, read with the `datasets` library
 # ---------------------------------------------------------------------------------------------
 def resolve_path(path: str) -> str:
     """A relative path is looked up in the working directory, then next to ppo.py; else kept (a hub
@@ -2578,7 +2584,7 @@ def load_data(cfg: Config) -> Tuple[List[str], List[str], Dict[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 11. Models and tokenizers: loading, checking and saving the four models
+# 12. Models and tokenizers: loading, checking and saving the four models
 # ---------------------------------------------------------------------------------------------
 def model_error(name: str, path: str, problem: str) -> ConfigError:
     return ConfigError(f"{name} = {path!r}: {problem}")
@@ -2864,7 +2870,7 @@ def saved_dtype(config) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# 12. Checkpoints and run files: atomic writes, discovery, rotation, loading without running code
+# 13. Checkpoints and run files: atomic writes, discovery, rotation, loading without running code
 # ---------------------------------------------------------------------------------------------
 CHECKPOINT_FILES = ("policy/config.json", "training_state.pt", "config.json")
 CHECKPOINT_HELP = ("Check: 1. the checkpoint path is right; 2. training_state.pt exists in it; "
@@ -3185,7 +3191,7 @@ class RunFiles:
 
 
 # ---------------------------------------------------------------------------------------------
-# 13. Logging, metrics and charts
+# 14. Logging, metrics and charts
 # ---------------------------------------------------------------------------------------------
 class TqdmLoggingHandler(logging.Handler):
     """Echo log lines to the terminal without breaking the progress bar."""
@@ -3344,7 +3350,7 @@ def plot_metrics(rows: List[dict], output_dir: Path) -> List[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 14. Entry point
+# 15. Entry point
 # ---------------------------------------------------------------------------------------------
 def ask_yes_no(question: str) -> Optional[bool]:
     """y / n at a terminal; anything else asks again; None on end of input."""

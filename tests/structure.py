@@ -4,8 +4,8 @@
     python tests/structure.py --modes              # ... and every mode switch on the step path
     python tests/structure.py --same-ast OLD NEW   # prove a move: every definition's AST unchanged
 
-The step path is PPOTrainer.train_loop and train_step plus every function they reach through the
-static call graph (module functions, PPOTrainer methods, and the methods of the objects the step
+The step path is PPOTrainer.train_loop and PPOStep.train_step plus every function they reach through
+the static call graph (module functions, the trainer's methods, and the methods of the objects the step
 holds: the backend, the stop request, the timer, the rows and the models). A mode switch is an `if`
 or a ternary whose test reads a setting (`cfg.NAME`), a value a setting decides (a mode string, an
 optional tensor or argument), the number of processes, the backend or the device, or what a model or
@@ -27,6 +27,8 @@ RECEIVERS = {"backend": ("Backend", "DeepSpeedBackend"), "stop_request": ("StopR
              "old": ("PolicyPass",), "files": ("RunFiles",)}
 CALLABLE_ATTRIBUTES = {"model": "PolicyAndCritic.forward", "ref": "Reference.forward",
                        "timer": "Timer.__call__"}
+BASES = {"PPOTrainer": ("PPOStep",)}            # PPOTrainer = PPOStep + the training loop
+TRAINER = ("PPOStep", "PPOTrainer")
 # Names of values that a setting decides, when a test reads them (the review's "a setting carried
 # as a value", a capability, the processes, the device).
 MODE_WORDS = re.compile(
@@ -99,8 +101,10 @@ def callees(node, table, owner):
         receiver_name = (receiver.attr if isinstance(receiver, ast.Attribute) else
                          receiver.id if isinstance(receiver, ast.Name) else None)
         if isinstance(receiver, ast.Name) and receiver.id == "self" and owner:
-            if f"{owner}.{sub.attr}" in table:
-                yield f"{owner}.{sub.attr}", sub.lineno
+            for cls in (owner, *BASES.get(owner, ())):       # the method, or the one it inherits
+                if f"{cls}.{sub.attr}" in table:
+                    yield f"{cls}.{sub.attr}", sub.lineno
+                    break
         elif receiver_name in RECEIVERS:
             for cls in RECEIVERS[receiver_name]:
                 if f"{cls}.{sub.attr}" in table:
@@ -111,7 +115,7 @@ def callees(node, table, owner):
         func = sub.func
         if isinstance(func, ast.Name) and func.id in CALLABLE_ATTRIBUTES:
             yield CALLABLE_ATTRIBUTES[func.id], sub.lineno
-        if (owner == "PPOTrainer" and isinstance(func, ast.Attribute) and
+        if (owner in TRAINER and isinstance(func, ast.Attribute) and
                 isinstance(func.value, ast.Name) and func.value.id == "self" and
                 func.attr in CALLABLE_ATTRIBUTES):
             yield CALLABLE_ATTRIBUTES[func.attr], sub.lineno
@@ -119,7 +123,8 @@ def callees(node, table, owner):
 
 def step_path(table):
     """{qualified name: [(caller, line of the call)]} reachable from train_loop and train_step."""
-    roots = ["PPOTrainer.train_loop", "PPOTrainer.train_step"]
+    step = "PPOStep" if "PPOStep" in table else "PPOTrainer"      # one class before the split
+    roots = ["PPOTrainer.train_loop", f"{step}.train_step"]
     reached = {root: [] for root in roots}
     todo = list(roots)
     while todo:
@@ -158,9 +163,11 @@ def report(path: Path, show_modes: bool) -> None:
     for number, title, start, end in sections(lines):
         print(f"  {number:>2} {title[:70]:<70} {start:>5}-{end:<5} {end - start + 1:>5} lines")
     table = index(tree)
-    trainer = table["PPOTrainer"]
-    methods = [n for n in trainer.body if isinstance(n, ast.FunctionDef)]
-    print(f"\nPPOTrainer: {trainer.end_lineno - trainer.lineno + 1} lines, {len(methods)} methods")
+    print()
+    for name in (n for n in TRAINER if n in table):
+        trainer = table[name]
+        methods = [n for n in trainer.body if isinstance(n, ast.FunctionDef)]
+        print(f"{name}: {trainer.end_lineno - trainer.lineno + 1} lines, {len(methods)} methods")
     path_ = step_path(table)
     nodes = {name: table[name] for name in path_}
     code_lines = sum(n.end_lineno - n.lineno + 1 for n in nodes.values())
@@ -171,11 +178,11 @@ def report(path: Path, show_modes: bool) -> None:
     print("longest jumps from a call on the step path to the definition it calls:")
     for distance, caller, callee, line in edges[:5]:
         print(f"  {distance:>5} lines: {caller} (line {line}) -> {callee} (line {table[callee].lineno})")
-    commit = table["PPOTrainer.commit_step"]
+    commit = table.get("PPOStep.commit_step") or table["PPOTrainer.commit_step"]
     first_math = next(start for number, title, start, end in sections(lines) if number == 3)
     constants = next(start for number, title, start, end in sections(lines) if number == 2)
     print(f"the algorithm in one stretch: constants (line {constants}) to the end of the step "
-          f"(PPOTrainer.commit_step, line {commit.end_lineno}): {commit.end_lineno - constants + 1} "
+          f"(commit_step, line {commit.end_lineno}): {commit.end_lineno - constants + 1} "
           f"lines; from the math (line {first_math}): {commit.end_lineno - first_math + 1} lines")
     switches = {name: mode_switches(node, lines) for name, node in nodes.items()}
     total = sum(len(v) for v in switches.values())

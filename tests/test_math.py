@@ -898,10 +898,11 @@ def cispo_reference(logprob, old_logprob, adv, low, high):
 
 
 def kl_reference(logprob, ref_logprob, estimator):
-    """(KL estimate, d estimate / d logprob) of one token, d = log pi - log pi_ref (Schulman's k1-k3)."""
+    """(KL estimate, d estimate / d logprob) of one token, d = log pi - log pi_ref (Schulman's k1-k3); k1's
+    gradient is its score-function form's, d (as k2's), so that as a loss it pulls toward the reference."""
     d = logprob - ref_logprob
     if estimator == "k1":
-        return d, 1.0
+        return d, d
     if estimator == "k2":
         return 0.5 * d * d, d
     return math.exp(-d) - 1 + d, 1 - math.exp(-d)
@@ -1202,7 +1203,8 @@ def test_mean_of_micro_batch_losses_is_not_the_minibatch_loss(batch, width, dens
 @given(batch=st.integers(1, 5), width=st.integers(1, 10), estimator=st.sampled_from(["k1", "k2", "k3"]), seed=SEEDS)
 def test_kl_penalty_estimators_value_and_gradient(batch, width, estimator, seed):
     """k1 = d, k2 = d^2 / 2, k3 = e^-d - 1 + d (d = logp - logp_ref), and as losses their gradients
-    w.r.t. logp are 1, d and 1 - e^-d; k2 and k3 are >= 0 and 0 where the policies agree."""
+    w.r.t. logp are d (k1's score-function form), d and 1 - e^-d; k2 and k3 are >= 0 and 0 where the
+    policies agree."""
     lp, ref = high_entropy_logprobs(gen(seed), (batch, width))
     ref.view(-1)[::4] = lp.view(-1)[::4]                         # d exactly 0
     leaf = lp.clone().requires_grad_(True)

@@ -58,8 +58,9 @@ def test_resume_applies_changed_kl_coef_and_early_stopping_metric(tiny, base, tm
     EARLY_STOPPING_METRIC starts best_metric, best_step and both patience counters afresh; an unchanged one
     keeps them."""
     saved = saved_state(base, 2)
+    # the step-0 evaluation is a best candidate too: the base run's best is its initial policy
     assert (saved["kl_coef"], saved["best_step"], saved["evals_without_improvement"],
-            saved["plateau_bad_evals"]) == (0.05, 1, 1, 1) and saved["best_metric"] is not None
+            saved["plateau_bad_evals"]) == (0.05, 0, 2, 2) and saved["best_metric"] is not None
 
     fixed = resume(tiny, base, tmp_path / "fixed", 2, KL_COEF=0.2, MAX_STEPS=3)
     assert fixed.state.kl_coef == 0.2, "the resumed run kept the checkpoint's KL coefficient"
@@ -84,7 +85,7 @@ def test_resume_applies_changed_kl_coef_and_early_stopping_metric(tiny, base, tm
     same = resume(tiny, base, tmp_path / "same", 2)
     s = same.state
     assert (s.best_metric, s.best_step, s.evals_without_improvement, s.plateau_bad_evals) == (
-        saved["best_metric"], 1, 1, 1)
+        saved["best_metric"], 0, 2, 2)
 
 
 def test_missing_early_stopping_metric_fails_before_training(tiny, base, tmp_path, capsys):
