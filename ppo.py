@@ -87,8 +87,8 @@ logger = logging.getLogger("ppo")
 # ---------------------------------------------------------------------------------------------
 # Models: a hub id or a local path (relative: the working directory, then next to this file)
 ACTOR_MODEL = "data/tiny-policy"    # policy pi_theta (AutoModelForCausalLM); frozen copy = pi_ref
-CRITIC_MODEL = "data/tiny-reward"   # critic V_phi: causal LM or reward model (score head -> V head)
-REWARD_MODEL = "data/tiny-reward"   # AutoModelForSequenceClassification num_labels=1; own tokenizer
+CRITIC_MODEL = "data/tiny-reward"   # critic V_phi: causal LM or reward model; None = ACTOR_MODEL
+REWARD_MODEL = "data/tiny-reward"   # sequence classifier (num_labels=1), or None: rules only
 TRUST_REMOTE_CODE = False           # run code shipped in model repos; only for repos you trust
 USE_CHAT_TEMPLATE = True            # wrap prompts in the policy tokenizer's chat template, if any
 
@@ -152,8 +152,10 @@ REWARD_CLIP = 0.0                   # clip (normalised) scores to +- this (0 = o
 OVERLONG_BUFFER = 0                 # DAPO: the score falls over the last N tokens (0 = off) ...
 OVERLONG_PENALTY = 1.0              # ... linearly, by this much at MAX_NEW_TOKENS
 DYNAMIC_SAMPLING = False            # DAPO: train only on the groups whose scores differ
-REFERENCE_REWARD = 0.0              # + this to the score when the dataset output matches (0 = off)
-ANSWER_MATCH = "last_number"        # answer rule: "last_number" (math) | "exact" | "contains"
+REWARD_FUNCTIONS = {}               # rule rewards by name: weight, e.g. {"answer": 1.0} (section 8)
+FORMAT_PATTERN = None               # the "format" rule's regex (re.search): "The answer is \\d+"
+REFERENCE_REWARD = 0.0              # + this when the dataset output matches (the "answer" rule)
+ANSWER_MATCH = "last_number"        # answer rule: "last_number" | "boxed" | "exact" | "contains"
 STOP_TOKENS = []                    # tokens that end a response besides EOS, e.g. ["<|im_end|>"]
 TARGET_KL = 0.0                     # end a rollout's PPO epochs once approx KL > this (0 = off)
 MAX_CONSECUTIVE_SKIPS = 5           # steps in a row skipped for a NaN / inf before the run stops
@@ -399,10 +401,11 @@ ADVANTAGE_ESTIMATORS = {"gae": critic_advantages, "reinforce++": reinforce_pp_ad
 def compute_advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef: float, cfg,
                        all_sum) -> Tuple[torch.Tensor, ...]:
     """Steps 5-6 of the rollout: r_t = -beta * KL_t plus the score at the last token, then
-    advantages by ADVANTAGE_ESTIMATORS[ADVANTAGE_ESTIMATOR]. Returns (advantages, returns, kl,
-    advantages before whitening), each (B, T)."""
-    kl = kl_penalty(logprobs, ref_logprobs, cfg.KL_ESTIMATOR)                           # (B, T)
-    rewards = shape_rewards(scores, kl, mask, kl_coef)                                 # (B, T)
+    advantages by ADVANTAGE_ESTIMATORS[ADVANTAGE_ESTIMATOR]. Returns (advantages, returns, kl (None
+    without a reference), advantages before whitening), each (B, T)."""
+    kl = (None if ref_logprobs is None else                   # (B, T); None: no KL in the objective
+          kl_penalty(logprobs, ref_logprobs, cfg.KL_ESTIMATOR))
+    rewards = shape_rewards(scores, torch.zeros_like(logprobs) if kl is None else kl, mask, kl_coef)
     estimator = ADVANTAGE_ESTIMATORS[cfg.ADVANTAGE_ESTIMATOR]
     advantages, returns, unwhitened = estimator(rewards, values, mask, cfg, all_sum)
     return advantages, returns, kl, unwhitened
@@ -691,7 +694,7 @@ class Experience(Rows):
     has_eos: torch.Tensor                        # (B,) bool
     scores: torch.Tensor                         # (B,) score of each response, penalties included
     old_logprobs: torch.Tensor                   # (B, T) log pi_old(token) at TEMPERATURE
-    ref_logprobs: torch.Tensor                   # (B, T) log pi_ref(token)
+    ref_logprobs: Optional[torch.Tensor]         # (B, T) log pi_ref(token); None: no reference
     values: Optional[torch.Tensor]               # (B, T) V_old; None without a critic
     advantages: torch.Tensor                     # (B, T) whitened (gae, reinforce++) or per group
     returns: torch.Tensor                        # (B, T) value targets (0 without a critic)
@@ -851,6 +854,54 @@ def skipped_update_metrics(optimizer_steps: int, with_critic: bool, cfg,
                           optimizer_steps, empty)
 
 
+def experience_metrics(experience: Experience, entropy: torch.Tensor, kl: Optional[torch.Tensor],
+                       beta: float, unwhitened: torch.Tensor, cfg) -> Dict[str, torch.Tensor]:
+    """The rollout's log rows: the objective (the KL to the reference, when there is one), the
+    entropy, the advantages, the responses, and the critic's values when there is one."""
+    x, mask = experience, experience.response_mask
+    kl_sums = torch.zeros(len(x), device=mask.device) if kl is None else masked_sum(kl, mask, 1)
+    non_score_reward = -beta * kl_sums                                                 # (B,)
+    metrics = {"objective/kl_coef": torch.tensor(beta),
+               "objective/entropy": masked_mean(entropy, mask),
+               "objective/non_score_reward": non_score_reward.mean(),
+               "objective/rlhf_reward": (x.scores + non_score_reward).mean(),
+               "ppo/advantages_mean": masked_mean(unwhitened, mask),
+               "response/length": mask.sum(1).float().mean(),
+               "response/eos_rate": x.has_eos.float().mean()}
+    if kl is not None:
+        metrics["objective/kl"] = kl_sums.mean()
+    if cfg.DYNAMIC_SAMPLING:
+        metrics["ppo/trained_fraction"] = x.trained.float().mean()
+    if x.values is not None:
+        metrics.update({"ppo/returns_mean": masked_mean(x.returns, mask),
+                        "ppo/val/mean": masked_mean(x.values, mask),
+                        "ppo/val/explained_variance": explained_variance(x.values, x.returns,
+                                                                         mask)})
+    return metrics
+
+
+def term_sums(terms: Dict[str, torch.Tensor], counted: Optional[torch.Tensor] = None
+              ) -> torch.Tensor:
+    """The sums of each reward term and of its square over the counted rows: (2 * terms,), to add
+    over processes (term_statistics)."""
+    counted = 1.0 if counted is None else counted
+    values = list(terms.values())
+    return torch.stack([(t * counted).sum() for t in values] +
+                       [(t * t * counted).sum() for t in values]).float()
+
+
+def term_statistics(names: List[str], sums: torch.Tensor,
+                    count: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """reward/<name>/mean and /std of each term from term_sums added over processes (the std over
+    every response of the step, not a mean of per-process stds)."""
+    k, stats = len(names), {}
+    for i, name in enumerate(names):
+        mean = sums[i] / count
+        stats[f"reward/{name}/mean"] = mean
+        stats[f"reward/{name}/std"] = (sums[k + i] / count - mean * mean).clamp(min=0).sqrt()
+    return stats
+
+
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Positions count real tokens only, so left padding never shifts them: cumsum(mask) - 1,
     clamped."""
@@ -932,7 +983,7 @@ class Reference(nn.Module):
 def placed(model: nn.Module, device, offload: bool):
     """With OFFLOAD_REF_AND_REWARD, a frozen model moves to the accelerator only while it runs
     (not a LoRA policy's base, which is trained around)."""
-    if not offload or any(p.requires_grad for p in model.parameters()):
+    if model is None or not offload or any(p.requires_grad for p in model.parameters()):
         yield model
         return
     model.to(device)
@@ -950,11 +1001,16 @@ class PPOStep:
     recipe, the update, the commit), generate_response / compute_rewards / reward_model_score /
     evaluate. PPOTrainer (next section) adds the training loop around it."""
 
-    def __init__(self, resume_from_checkpoint: Optional[str] = None, **settings):
+    def __init__(self, resume_from_checkpoint: Optional[str] = None,
+                 reward_functions: Sequence = (), **settings):
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()           # no "Writing model shards" bars inside our own
         self.cfg = cfg = make_config(settings)
         validate_config(cfg)
+        overridden = type(self).compute_rewards is not PPOStep.compute_rewards
+        self.reward_hook = ("compute_rewards" if overridden else
+                            None if cfg.REWARD_MODEL is None else "reward_model")
+        self.reward_functions = reward_plan(cfg, reward_functions, self.reward_hook)
         self.chunk = cfg.BATCH_SIZE * cfg.GROUP_SIZE       # sequences in one generate or forward
         self.backend = Backend.create(cfg)
         self.accelerator = self.backend.accelerator
@@ -982,16 +1038,11 @@ class PPOStep:
         self.model, self.optimizer, self.ref, self.reward_model = (
             models.model, models.optimizer, models.ref, models.reward_model)
         self.policy_dtype = models.policy_dtype
-        self.reward_max_length = reward_input_limit(self.reward_tokenizer, self.reward_model)
-        # A reward model without a chat template and with the policy's tokenizer reads the ids the
-        # policy sampled: no decode and re-encode, which may merge or split tokens differently.
-        self.reward_reads_policy_ids = (not self.reward_tokenizer.chat_template and
-                                        shares_tokenizer(self.tokenizer, self.reward_tokenizer))
-        self.reward_specials = special_tokens_around(self.reward_tokenizer)
+        self.reward_max_length, self.reward_reads_policy_ids, self.reward_specials = (
+            reward_input_plan(self.tokenizer, self.reward_tokenizer, self.reward_model))
         self.generated_ids: Dict[Tuple[str, str], List[int]] = {}   # (prompt, response): its ids
-        if self.reward_reads_policy_ids:
-            logger.info("The reward model has the policy's tokenizer and no chat template: it "
-                        "reads the policy's own token ids of prompt and response.")
+        logger.info("Score = " + " + ".join(f"{weight:g} x {name}" for name, (_, weight) in
+                                            self.reward_functions.items()) + " (reward/<name>)")
         if saved is not None:
             self.state = restore_checkpoint(saved, self.checkpoint, cfg, self.backend)
         self.saved_step = self.state.global_step if saved is not None else -1  # on disk already
@@ -1091,18 +1142,22 @@ class PPOStep:
 
     def score_rollout(self, rollout: Rollout
                       ) -> Tuple[torch.Tensor, Optional[tuple], Dict[str, torch.Tensor]]:
-        """Steps 2-3: score = compute_rewards (+ reference reward), normalised, clipped, minus
-        MISSING_EOS_PENALTY for responses that never stopped. Returns (scores (B,), the running
-        reward moments to keep when REWARD_NORMALIZATION is on (else None), metrics)."""
+        """Steps 2-3: score = the weighted sum of the reward terms (reward_terms), normalised,
+        clipped, minus MISSING_EOS_PENALTY for responses that never stopped. Returns (scores (B,),
+        the running reward moments to keep when REWARD_NORMALIZATION is on (else None), metrics:
+        each term's mean and std over all processes as reward/<name>/mean and /std)."""
         cfg = self.cfg
-        with placed(self.reward_model, self.device, self.cfg.OFFLOAD_REF_AND_REWARD):
-            model_scores = self.rewards_of(rollout.prompts, rollout.responses)
+        terms = self.reward_terms(rollout.prompts, rollout.responses)
+        scores = sum(weight * terms[name] for name, (_, weight) in self.reward_functions.items())
         correct, has_ref = self.reference_matches(rollout.prompts, rollout.responses)
-        scores = model_scores + cfg.REFERENCE_REWARD * correct
-        total, total_sq, count, n_correct, n_ref = self.backend.all_sum(torch.stack([
-            scores.sum(), (scores ** 2).sum(), torch.tensor(float(len(scores)), device=self.device),
-            correct.sum(), has_ref.sum().float()]))
-        metrics = {"objective/rm_score": model_scores.mean()}
+        count = torch.tensor(float(len(scores)), device=self.device)
+        sums = self.backend.all_sum(torch.stack([scores.sum(), (scores ** 2).sum(), count,
+                                                 correct.sum(), has_ref.sum().float(),
+                                                 *term_sums(terms)]))
+        total, total_sq, count, n_correct, n_ref = sums[:5]
+        metrics = term_statistics(list(terms), sums[5:], count)
+        if self.reward_hook in terms:
+            metrics["objective/rm_score"] = terms[self.reward_hook].mean()
         if self.references:    # a per-run key: NaN in a step none of whose prompts has one
             metrics["train/accuracy"] = n_correct / n_ref
         moments = None
@@ -1119,6 +1174,17 @@ class PPOStep:
             metrics["objective/overlong_penalty"] = overlong.mean()
         metrics["objective/score"] = scores.mean()
         return scores, moments, metrics
+
+    def reward_terms(self, prompts: List[str], responses: List[str]) -> Dict[str, torch.Tensor]:
+        """Each term of the score by name, unweighted, (B,) float32: compute_rewards (the reward
+        model's score by default), the rules of REWARD_FUNCTIONS and the Python reward functions,
+        each checked (checked_rewards); the reward model placed once for all of them."""
+        references = [self.references.get(p) for p in prompts]
+        with placed(self.reward_model, self.device, self.cfg.OFFLOAD_REF_AND_REWARD):
+            return {name: (self.rewards_of(prompts, responses) if name == self.reward_hook else
+                           torch.tensor(checked_rewards(name, function, prompts, responses,
+                                                        references), device=self.device))
+                    for name, (function, _) in self.reward_functions.items()}
 
     def rewards_of(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
         """compute_rewards, checked: (B,) float32 (the caller has placed the reward model)."""
@@ -1161,28 +1227,15 @@ class PPOStep:
         experience = Experience(rollout.query_ids, rollout.query_mask, rollout.response_ids, mask,
                                 rollout.has_eos, scores, old.logprobs, ref_logprobs, old.values,
                                 advantages, returns, trained)
-        non_score_reward = -beta * masked_sum(kl, mask, 1)                                  # (B,)
-        metrics = {"objective/kl": masked_sum(kl, mask, 1).mean(),
-                   "objective/kl_coef": torch.tensor(beta),
-                   "objective/entropy": masked_mean(old.entropy, mask),
-                   "objective/non_score_reward": non_score_reward.mean(),
-                   "objective/rlhf_reward": (scores + non_score_reward).mean(),
-                   "ppo/advantages_mean": masked_mean(unwhitened, mask),
-                   "response/length": mask.sum(1).float().mean(),
-                   "response/eos_rate": rollout.has_eos.float().mean()}
-        if cfg.DYNAMIC_SAMPLING:
-            metrics["ppo/trained_fraction"] = trained.float().mean()
-        if old.values is not None:
-            metrics.update({
-                "ppo/returns_mean": masked_mean(returns, mask),
-                "ppo/val/mean": masked_mean(old.values, mask),
-                "ppo/val/explained_variance": explained_variance(old.values, returns, mask)})
-        return experience, first_pass, metrics
+        return experience, first_pass, experience_metrics(experience, old.entropy, kl, beta,
+                                                          unwhitened, cfg)
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """log pi_ref of every response token (B, T), the reference placed once for the whole
-        rollout."""
+        rollout; None without a reference (no KL in the objective)."""
+        if self.ref is None:
+            return None
         logprobs = torch.zeros(rollout.response_ids.shape, device=self.device)
         offload = self.cfg.OFFLOAD_REF_AND_REWARD
         with placed(self.ref, self.device, offload), self.backend.autocast():
@@ -1293,7 +1346,7 @@ class PPOStep:
                 f"{s.consecutive_skips} steps in a row hit a NaN / inf (MAX_CONSECUTIVE_SKIPS = "
                 f"{cfg.MAX_CONSECUTIVE_SKIPS}); stopping. The last checkpoint is intact. Try a "
                 "lower LEARNING_RATE, MAX_GRAD_NORM = 0.5, or check the reward model's scores.")
-        kl = metrics["objective/kl"]
+        kl = metrics.get("objective/kl", math.nan)
         if not math.isfinite(kl):
             return
         if cfg.ADAPTIVE_KL:
@@ -1318,6 +1371,11 @@ class PPOStep:
     @torch.no_grad()
     def reward_model_scores(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
         """Batched reward-model scores (B,) of reward_input_ids, read at the last real token."""
+        if self.reward_model is None:
+            raise TrainingError("There is no reward model (REWARD_MODEL = None), so "
+                                "reward_model_score / reward_model_scores cannot score: the "
+                                "rewards come from REWARD_FUNCTIONS and reward_functions=[...] "
+                                "(logged as reward/<name>), or name a REWARD_MODEL.")
         rows, scores = self.reward_input_ids(prompts, responses), []
         for start in range(0, len(rows), self.chunk):
             ids, mask = pad(rows[start:start + self.chunk], self.reward_tokenizer.pad_token_id,
@@ -1338,29 +1396,32 @@ class PPOStep:
     @torch.no_grad()
     def evaluate(self, eval_prompts: List[str]) -> Dict[str, float]:
         """Generate for this process's share of eval_prompts (greedy unless EVAL_GREEDY is False)
-        and measure, over all processes: mean reward-model score, accuracy against references,
-        response length, EOS rate. Override to add metrics: eval_metrics["custom_metric"] = ...;
-        logged as eval/<name>; self.eval_responses holds the responses (this process's share)."""
+        and measure, over all processes: the reward (the weighted sum of the reward terms) and each
+        term's mean and std, accuracy against references, response length, EOS rate. Override to
+        add metrics: eval_metrics["custom_metric"] = ...; logged as eval/<name>;
+        self.eval_responses holds the responses (this process's share)."""
         prompts, real = shard(eval_prompts, self.backend.rank, self.backend.world)
         self.generated_ids = {}
         rollout = self.generate_response(prompts, do_sample=not self.cfg.EVAL_GREEDY)
-        with placed(self.reward_model, self.device, self.cfg.OFFLOAD_REF_AND_REWARD):
-            reward = self.rewards_of(rollout.prompts, rollout.responses)
+        terms = self.reward_terms(rollout.prompts, rollout.responses)
+        reward = sum(weight * terms[name] for name, (_, weight) in self.reward_functions.items())
         correct, has_ref = self.reference_matches(rollout.prompts, rollout.responses)
         counted = (torch.arange(len(prompts), device=self.device) < real).float()   # not padding
         rows = torch.stack([reward, rollout.response_mask.sum(1).float(), rollout.has_eos.float(),
                             correct, has_ref.float(), torch.ones_like(reward)])
-        sums = (rows * counted).sum(1)               # reward, length, eos, correct, has_ref, count
+        sums = self.backend.all_sum(torch.cat([(rows * counted).sum(1),
+                                               term_sums(terms, counted)]))
         self.eval_responses = rollout.responses[:real]
         self.eval_samples = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in
                              zip(prompts[:real], rollout.responses, reward)
                              ][:self.cfg.NUM_SAMPLES_TO_LOG]
-        reward, length, eos, correct, has_ref, count = self.backend.all_sum(sums).tolist()
+        reward, length, eos, correct, has_ref, count = sums[:6].tolist()
         metrics = {"reward": reward / count, "response_length": length / count,
                    "eos_rate": eos / count}
         if has_ref:
             metrics["accuracy"] = correct / has_ref
-        return metrics
+        statistics = term_statistics(list(terms), sums[6:], sums[5])
+        return {**metrics, **{name: value.item() for name, value in statistics.items()}}
 
     # -- tokens the hooks rely on ------------------------------------------------------------------
     def prepare_prompts(self, prompts: Sequence[str]) -> None:
@@ -1488,8 +1549,9 @@ class PPOTrainer(PPOStep):
         for epoch in range(self.state.epoch, cfg.NUM_EPOCHES):
             self.state.epoch = epoch
             order = epoch_order(len(train_prompts), cfg.SEED, epoch)
-            with tqdm(total=plan.steps_per_epoch,
-                      initial=math.ceil(self.state.position / plan.prompts_per_step),
+            # the bar counts the steps this run takes in this epoch (MAX_STEPS may end it early)
+            steps = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
+            with tqdm(total=steps, initial=math.ceil(self.state.position / plan.prompts_per_step),
                       desc=f"Epoch {epoch + 1}/{cfg.NUM_EPOCHES}", disable=not self.is_main,
                       dynamic_ncols=True, bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} "
                                                      "[{elapsed}<{remaining}]") as bar:
@@ -2020,6 +2082,48 @@ def reward_ids_from_policy(prompt_ids: List[int], response_ids: List[int], prefi
     return list(prefix) + content + list(suffix)
 
 
+def reward_input_plan(policy_tokenizer, tokenizer, model: Optional[nn.Module]
+                      ) -> Tuple[Optional[int], bool, Tuple[List[int], List[int]]]:
+    """How the reward model reads a pair (nothing without one): (its longest input, whether it
+    reads the policy's own ids, its tokenizer's special tokens around a text). A reward model
+    without a chat template and with the policy's tokenizer reads the ids the policy sampled: no
+    decode and re-encode, which may merge or split tokens differently."""
+    if model is None:
+        return None, False, ([], [])
+    reads_ids = not tokenizer.chat_template and shares_tokenizer(policy_tokenizer, tokenizer)
+    if reads_ids:
+        logger.info("The reward model has the policy's tokenizer and no chat template: it reads "
+                    "the policy's own token ids of prompt and response.")
+    return reward_input_limit(tokenizer, model), reads_ids, special_tokens_around(tokenizer)
+
+
+def reward_plan(cfg, functions: Sequence, hook: Optional[str]
+                ) -> Dict[str, Tuple[Optional[object], float]]:
+    """The terms of the score, name -> (reward function, weight): `hook` is the guide's
+    compute_rewards (the reward model's score, or an override), weight 1; then the rules of
+    REWARD_FUNCTIONS (REFERENCE_REWARD is the "answer" rule's weight), then the Python functions
+    of PPOTrainer(reward_functions=[f, (g, 0.5)]), each function(prompts, responses, references)
+    -> one number per response."""
+    terms: Dict[str, Tuple[Optional[object], float]] = {hook: (None, 1.0)} if hook else {}
+    rules = {**cfg.REWARD_FUNCTIONS, **({"answer": cfg.REFERENCE_REWARD}
+                                         if cfg.REFERENCE_REWARD else {})}
+    terms.update({name: (rule_reward(name, cfg), float(w)) for name, w in rules.items()})
+    for entry in functions:
+        function, weight = entry if isinstance(entry, tuple) else (entry, 1.0)
+        name = getattr(function, "__name__", type(function).__name__)
+        if (not callable(function) or name in terms or isinstance(weight, bool)
+                or not isinstance(weight, (int, float))):
+            raise ConfigError(f"reward_functions: {entry!r} must be a function, or (function, "
+                              "weight), whose name is not taken (by: "
+                              f"{', '.join(terms) or 'nothing'}).")
+        terms[name] = (function, float(weight))
+    if not terms:
+        raise ConfigError("Nothing gives a reward: REWARD_MODEL = None, REWARD_FUNCTIONS is empty "
+                          "and no reward_functions=[...] were given. Name a reward model, a rule "
+                          '(REWARD_FUNCTIONS = {"answer": 1.0}) or a function.')
+    return terms
+
+
 def reward_input_limit(tokenizer, model: nn.Module) -> Optional[int]:
     """The longest input the reward model takes (learned positions end there); None when
     unbounded."""
@@ -2092,10 +2196,31 @@ def last_number(text: str) -> Optional[float]:
     return float(numbers[-1].replace(",", "")) if numbers else None
 
 
+BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+
+
+def boxed(text: str) -> Optional[str]:
+    """The content of the last \\boxed{...} in a text (one level of nested braces), or None."""
+    found = BOXED.findall(text)
+    return found[-1].strip() if found else None
+
+
+def same_answer(got: Optional[str], expected: Optional[str]) -> bool:
+    """Two answers agree: as numbers when both are numbers, else as text without spaces."""
+    if got is None or expected is None:
+        return False
+    if NUMBER.fullmatch(got.strip()) and NUMBER.fullmatch(expected.strip()):
+        return last_number(got) == last_number(expected)
+    return "".join(got.split()) == "".join(expected.split())
+
+
 ANSWER_RULES = {  # ANSWER_MATCH: (response, the dataset's reference) -> whether the answer is right
     # the last numbers agree (GSM8K's "#### 72" and "... the answer is 72." match)
     "last_number": lambda response, reference: (
         last_number(response) is not None and last_number(response) == last_number(reference)),
+    # MATH's convention: the last \\boxed{} of the response against the reference's (or all of it)
+    "boxed": lambda response, reference: same_answer(boxed(response),
+                                                     boxed(reference) or reference.strip()),
     "exact": lambda response, reference: response.split() == reference.split(),  # up to spaces
     "contains": lambda response, reference: reference.strip() in response,
 }
@@ -2104,6 +2229,52 @@ ANSWER_RULES = {  # ANSWER_MATCH: (response, the dataset's reference) -> whether
 def answer_matches(response: str, reference: str, rule: str) -> bool:
     """The accuracy / reference-reward rule ANSWER_RULES[rule]."""
     return ANSWER_RULES[rule](response, reference)
+
+
+def rule_reward(name: str, cfg):
+    """A rule of RULE_REWARDS as a reward function: (prompts, responses, references) -> values."""
+    rule = RULE_REWARDS[name]
+    return lambda prompts, responses, references: [
+        rule(response, reference, cfg) for response, reference in zip(responses, references)]
+
+
+def checked_rewards(name: str, function, prompts: List[str], responses: List[str],
+                    references: List[Optional[str]]) -> List[float]:
+    """A reward function's values for a batch: one finite number per response. An exception, a
+    wrong length, a NaN or a non-number is one TrainingError that names the function and the
+    prompt (found by calling the function on one pair at a time when it raised)."""
+    def fail(problem: str, prompt: str) -> TrainingError:
+        return TrainingError(f"Reward function {name!r} {problem} for the prompt {prompt!r}; it "
+                             "must return one finite number per response: function(prompts, "
+                             "responses, references) -> a list of floats.")
+    try:
+        values = function(prompts, responses, references)
+    except Exception as e:
+        for pair in zip(prompts, responses, references):
+            try:
+                function(*([part] for part in pair))
+            except Exception as single:
+                raise fail(f"raised {first_line(single)}", pair[0]) from e
+        raise fail(f"raised {first_line(e)} (on the whole batch)", prompts[0]) from e
+    values = values.tolist() if hasattr(values, "tolist") else values
+    if not isinstance(values, (list, tuple)) or len(values) != len(responses):
+        size = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+        raise fail(f"returned {size} values for {len(responses)} responses", prompts[0])
+    for prompt, value in zip(prompts, values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(f"returned {value!r} ({type(value).__name__}), not a number", prompt)
+        if not math.isfinite(value):
+            raise fail(f"returned {value}", prompt)
+    return [float(v) for v in values]
+
+
+RULE_REWARDS = {  # REWARD_FUNCTIONS: (response, its prompt's reference or None, settings) -> 1 or 0
+    "answer": lambda response, reference, cfg: float(   # the answer is right (ANSWER_MATCH)
+        reference is not None and answer_matches(response, reference, cfg.ANSWER_MATCH)),
+    "format": lambda response, reference, cfg: float(   # FORMAT_PATTERN is found in it
+        re.search(cfg.FORMAT_PATTERN, response) is not None),
+    "number": lambda response, reference, cfg: float(last_number(response) is not None),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2402,7 +2573,30 @@ RULES = [  # settings that cannot work together: (whether the settings break the
      "KL_IN_LOSS = True."),
     (lambda c: not 0 <= c.OVERLONG_BUFFER <= c.MAX_NEW_TOKENS,
      "OVERLONG_BUFFER = {OVERLONG_BUFFER!r} must be in [0, MAX_NEW_TOKENS = {MAX_NEW_TOKENS}]."),
+    (lambda c: not (isinstance(c.REWARD_FUNCTIONS, dict) and all(
+        name in RULE_REWARDS and isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        for name, weight in c.REWARD_FUNCTIONS.items())),
+     "REWARD_FUNCTIONS = {REWARD_FUNCTIONS!r} must map rule names (" + ", ".join(
+         map(repr, RULE_REWARDS)) + ') to weights, e.g. {{"answer": 1.0}}; Python functions go '
+     "to PPOTrainer(reward_functions=[...])."),
+    (lambda c: "format" in c.REWARD_FUNCTIONS and regex_problem(c.FORMAT_PATTERN),
+     lambda c: f"FORMAT_PATTERN = {c.FORMAT_PATTERN!r}: the \"format\" rule needs a regular "
+               f"expression ({regex_problem(c.FORMAT_PATTERN)})."),
+    (lambda c: "answer" in c.REWARD_FUNCTIONS and c.REFERENCE_REWARD,
+     "REFERENCE_REWARD is the weight of the \"answer\" rule, which REWARD_FUNCTIONS names too: "
+     "set one of them."),
 ]
+
+
+def regex_problem(pattern) -> Optional[str]:
+    """Why `pattern` is not a regular expression, or None."""
+    if not isinstance(pattern, str):
+        return f"got {type(pattern).__name__}"
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return f"{e.msg} at position {e.pos}"
+    return None
 WARNINGS = [  # settings that work but are likely mistakes: (whether they apply, the warning)
     (lambda c: c.POLICY_LOSS == "gspo" and max(clip_ranges(c)) > 0.01,
      "POLICY_LOSS = 'gspo' clips a sequence ratio that is a geometric mean over its tokens, so a "
@@ -2427,7 +2621,8 @@ def validate_config(cfg: Config) -> None:
                 for name, choices in CHOICES.items() if cfg[name] not in choices]
     problems += [f"{name} = {cfg[name]!r} must be {words}."
                  for name, (in_range, words) in BOUNDS.items() if not in_range(cfg[name])]
-    problems += [message.format_map(cfg) for broken, message in RULES if broken(cfg)]
+    problems += [message(cfg) if callable(message) else message.format_map(cfg)
+                 for broken, message in RULES if broken(cfg)]
     if problems:
         raise ConfigError("Invalid settings:\n  " + "\n  ".join(problems))
 
@@ -2654,14 +2849,29 @@ def load_sequence_classifier(name: str, path: str, cfg: Config, dtype: torch.dty
     """The reward model, or the critic (from a reward model or a causal LM: its `score` head is the
     value head)."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
     resolved, config = load_model_config(name, path, cfg)
     check_model_kind(name, path, config, "reward" if is_reward else "critic")
     config.num_labels = 1
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolved, config=config, dtype=dtype, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    new_head = not any(a.endswith("ForSequenceClassification")
+                       for a in getattr(config, "architectures", None) or [])
+    verbosity = hf_logging.get_verbosity()
+    if new_head:                       # transformers would report the new head as MISSING
+        hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolved, config=config, dtype=dtype, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if not is_reward and not isinstance(getattr(model, "score", None), nn.Linear):
         raise model_error(name, path, f"{type(model).__name__} has no `score` head; the critic "
                           "must be a decoder-only model (Llama, Qwen2, Mistral, GPT-2, ...).")
+    if new_head:
+        std = getattr(config.get_text_config(), "initializer_range", None)
+        logger.info(f"The critic is {name} = {path!r}, a causal LM, with a new value head "
+                    "(`score`: hidden size -> 1), initialised as transformers does"
+                    f"{f' from N(0, {std:g}^2)' if std else ''}: its values start near 0 and "
+                    "learn from the first step.")
     return disable_dropout(model)
 
 
@@ -2746,17 +2956,25 @@ class Models:
     policy_dtype: torch.dtype            # what ACTOR_MODEL's weights were saved in (best/ too)
 
 
+def critic_source(cfg: Config) -> Tuple[str, str]:
+    """(constant, path) the critic starts from: CRITIC_MODEL, or ACTOR_MODEL when it is None."""
+    return ("CRITIC_MODEL", cfg.CRITIC_MODEL) if cfg.CRITIC_MODEL else ("ACTOR_MODEL",
+                                                                           cfg.ACTOR_MODEL)
+
+
 def load_tokenizers(cfg: Config):
     """Configs, tokenizers and stop tokens of every model, checked before any weights load:
-    (policy tokenizer, reward tokenizer, stop ids)."""
+    (policy tokenizer, reward tokenizer or None, stop ids, the policy's config)."""
     policy_path, policy_config = load_model_config("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)
     check_model_kind("ACTOR_MODEL", cfg.ACTOR_MODEL, policy_config, "causal")
-    _, reward_config = load_model_config("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
-    check_model_kind("REWARD_MODEL", cfg.REWARD_MODEL, reward_config, "reward")
     tokenizer = load_tokenizer("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)
     tokenizer.padding_side = "left"
-    reward_tokenizer = load_tokenizer("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
-    reward_tokenizer.truncation_side = "left"          # an over-long input keeps the response
+    reward_tokenizer = None
+    if cfg.REWARD_MODEL is not None:
+        _, reward_config = load_model_config("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
+        check_model_kind("REWARD_MODEL", cfg.REWARD_MODEL, reward_config, "reward")
+        reward_tokenizer = load_tokenizer("REWARD_MODEL", cfg.REWARD_MODEL, cfg)
+        reward_tokenizer.truncation_side = "left"      # an over-long input keeps the response
     stop_ids = stop_token_ids(tokenizer, policy_path, policy_config, cfg.STOP_TOKENS)
     if cfg.USE_CHAT_TEMPLATE and tokenizer.chat_template:
         check_generation_prompt(tokenizer)
@@ -2766,47 +2984,59 @@ def load_tokenizers(cfg: Config):
                         f"{tokenizer.convert_ids_to_tokens(turn_end)!r}: it ends a response too.")
             stop_ids = torch.cat([stop_ids, torch.tensor([turn_end])]).sort().values
     if cfg.ADVANTAGE_ESTIMATOR == "gae":
-        _, critic_config = load_model_config("CRITIC_MODEL", cfg.CRITIC_MODEL, cfg)
+        _, critic_config = load_model_config(*critic_source(cfg), cfg)
         critic_vocab = vocab_size(critic_config)
         if critic_vocab is not None and critic_vocab < len(tokenizer):
-            raise model_error("CRITIC_MODEL", cfg.CRITIC_MODEL,
+            raise model_error(*critic_source(cfg),
                               f"has a vocabulary of {critic_vocab} tokens, "
                               f"fewer than the policy's {len(tokenizer)}: the critic reads the "
                               "policy's tokens, so start it from a model with the policy's "
                               "tokenizer.")
-    return tokenizer, reward_tokenizer, stop_ids
+    return tokenizer, reward_tokenizer, stop_ids, policy_config
+
+
+def uses_reference(cfg: Config) -> bool:
+    """Whether the objective holds a KL to the reference; without one the reference is neither
+    loaded nor run (as TRL does at beta = 0)."""
+    return bool(cfg.KL_IN_LOSS or cfg.KL_COEF)
 
 
 def load_models(cfg: Config, backend: "Backend", checkpoint: Optional[Path]) -> Models:
     """Policy and critic (trained, float32 master weights, from the checkpoint when resuming), the
     frozen reference (float32 like the policy; under LoRA the policy's base) and reward model (in
     the mixed-precision dtype), one AdamW over both trained models, prepared."""
-    tokenizer, reward_tokenizer, stop_ids = load_tokenizers(cfg)
+    tokenizer, reward_tokenizer, stop_ids, policy_config = load_tokenizers(cfg)
     frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(backend.mixed_precision,
                                                                        torch.float32)
+    parked = "cpu" if cfg.OFFLOAD_REF_AND_REWARD else backend.device
+    reference = None
     if cfg.USE_LORA:
         policy = apply_lora(load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, frozen_dtype), cfg,
                             adapter=str(checkpoint / "policy_adapter") if checkpoint else None)
-        reference = Reference(policy, adapters_off=True)
+        reference = Reference(policy, adapters_off=True) if uses_reference(cfg) else None
     else:
         start = str(checkpoint / "policy") if checkpoint else cfg.ACTOR_MODEL
         policy = load_causal_lm("ACTOR_MODEL", start, cfg, torch.float32)
-        # float32 like the policy: both then take one numeric path under autocast (KL 0 at step 0)
-        frozen = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, torch.float32)
-        reference = Reference(frozen.requires_grad_(False).eval(), adapters_off=False)
+        if uses_reference(cfg):
+            # float32 like the policy: both take one numeric path under autocast (KL 0 at step 0)
+            frozen = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, torch.float32)
+            reference = Reference(frozen.requires_grad_(False).eval(), adapters_off=False)
+            reference.to(parked)
+    if reference is None:
+        logger.info("No KL to the reference in the objective (KL_COEF = 0, no KL_IN_LOSS): the "
+                    "reference model is neither loaded nor run.")
     critic = None
     if cfg.ADVANTAGE_ESTIMATOR == "gae":
-        start = str(checkpoint / "critic") if checkpoint else cfg.CRITIC_MODEL
-        critic = load_sequence_classifier("CRITIC_MODEL", start, cfg, torch.float32,
-                                          is_reward=False)
+        name, path = critic_source(cfg)
+        critic = load_sequence_classifier(name, str(checkpoint / "critic") if checkpoint else path,
+                                          cfg, torch.float32, is_reward=False)
     for model in (policy, critic):
         if model is not None and cfg.GRADIENT_CHECKPOINTING:
             enable_checkpointing(model)
-    reward = load_sequence_classifier("REWARD_MODEL", cfg.REWARD_MODEL, cfg, frozen_dtype,
-                                      is_reward=True)
-    parked = "cpu" if cfg.OFFLOAD_REF_AND_REWARD else backend.device
-    reference.to(backend.device if cfg.USE_LORA else parked)
-    reward = reward.requires_grad_(False).eval().to(parked)
+    reward = None
+    if cfg.REWARD_MODEL is not None:
+        reward = load_sequence_classifier("REWARD_MODEL", cfg.REWARD_MODEL, cfg, frozen_dtype,
+                                          is_reward=True).requires_grad_(False).eval().to(parked)
     groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}
               for m, lr in ((policy, cfg.LEARNING_RATE), (critic, cfg.CRITIC_LEARNING_RATE))
               if m is not None]
@@ -2819,9 +3049,8 @@ def load_models(cfg: Config, backend: "Backend", checkpoint: Optional[Path]) -> 
                 f"{type(critic).__name__ if critic else 'none'} ({counts[1] if critic else 0}), "
                 f"device {backend.device}, mixed precision {backend.mixed_precision}")
     check_learning_rate(policy, cfg)
-    policy_dtype = saved_dtype(load_model_config("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg)[1])
     return Models(tokenizer, reward_tokenizer, stop_ids, model, optimizer, reference, reward,
-                  policy_dtype)
+                  saved_dtype(policy_config))
 
 
 def check_learning_rate(policy: nn.Module, cfg: Config) -> None:

