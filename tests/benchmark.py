@@ -6,6 +6,8 @@ A script, not a test. Run from the repository root; one JSON object goes to stdo
     python tests/benchmark.py --prompts 32 --tokens 48 --steps 5
     python tests/benchmark.py --device cpu --steps 10 --warmup 2 --threads 1   # --threads 1 on a busy machine
     python tests/benchmark.py --model-config random-0.5b     # random Llama of Qwen2-0.5B's shape (GPU; built once)
+    python tests/benchmark.py --model-config smollm2 --prompts 8 --group-size 4 --tokens 24 --estimator grpo
+                                 # the real SmolLM2-135M-Instruct (data/build_smollm2.py), rule rewards, no RM
     python tests/benchmark.py --compare-trl --steps 5        # ours, TRL, ours, TRL: fresh processes each
 
 What is measured, per PPO step after --warmup steps (medians over --steps):
@@ -73,7 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="PPO steps run first and not measured")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--model-config", choices=["tiny", "random-0.5b"], default="tiny")
+    p.add_argument("--model-config", choices=["tiny", "random-0.5b", "smollm2"], default="tiny",
+                   help="smollm2: SmolLM2-135M-Instruct as policy (and critic), the answer rule as the "
+                        "reward (no reward model), KL_COEF 0 unless --kl-coef (no reference)")
+    p.add_argument("--estimator", default="gae", help="ADVANTAGE_ESTIMATOR")
     p.add_argument("--vocab-memory", action="store_true",
                    help="the update's peak memory at the real Qwen2.5 vocabulary (151,646 tokens) against "
                         "one fp32 (B, T, V) logits tensor and a naive log_softmax update")
@@ -92,7 +97,9 @@ def parse_args(argv=None):
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.lr is None:
-        args.lr = 1e-6 if args.model_config == "random-0.5b" else ppo.LEARNING_RATE
+        args.lr = 1e-6 if args.model_config in ("random-0.5b", "smollm2") else ppo.LEARNING_RATE
+    if args.model_config == "smollm2" and "--kl-coef" not in (argv or sys.argv):
+        args.kl_coef = 0.0
     return args
 
 
@@ -297,20 +304,22 @@ def bare_compute(trainer, prompts):
         return {"ids": ids, "attn": attn, "pos": ppo.position_ids_from_mask(attn), "resp": mb.response_ids,
                 "mask": mb.response_mask}
 
-    tok = trainer.reward_tokenizer                   # the reward model reads its own tokenization of the texts
-    texts = ([tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": t}],
-                                      tokenize=False) for p, t in zip(prompts, texts)]
-             if tok.chat_template else [p + t for p, t in zip(prompts, texts)])
-    encoded = [tok(texts[s:s + chunk], padding=True, return_tensors="pt",
-                   add_special_tokens=not tok.chat_template).to(dev) for s in range(0, len(texts), chunk)]
-    keep = trainer.ref.keep_logits
+    tok, encoded = trainer.reward_tokenizer, []      # the reward model reads its own tokenization of the texts
+    if tok is not None:
+        texts = ([tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": t}],
+                                          tokenize=False) for p, t in zip(prompts, texts)]
+                 if tok.chat_template else [p + t for p, t in zip(prompts, texts)])
+        encoded = [tok(texts[s:s + chunk], padding=True, return_tensors="pt",
+                       add_special_tokens=not tok.chat_template).to(dev) for s in range(0, len(texts), chunk)]
+    keep = trainer.accelerator.unwrap_model(trainer.model).keep_logits
     micro = [tensors(idx) for idx in torch.arange(len(rollout)).split(chunk)]
     parts = {"score": lambda mb: trainer.reward_model(**mb).logits,
              "forward_policy": lambda mb: log_probs(trainer.policy, mb, keep, temp),
              "forward_ref": lambda mb: log_probs(trainer.ref.model, mb, keep, temp),
              "forward_critic": lambda mb: ppo.head_outputs(trainer.critic, mb["ids"], mb["attn"])}
+    absent = {"score": trainer.reward_model, "forward_ref": trainer.ref, "forward_critic": trainer.critic}
     for name, fn in parts.items():
-        if name == "forward_critic" and trainer.critic is None:
+        if name in absent and absent[name] is None:     # rules instead of a reward model; no KL; no critic
             continue
         batches = encoded if name == "score" else micro
         start = clock(dev)
@@ -344,7 +353,7 @@ def bare_compute(trainer, prompts):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
     times["update"] = clock(dev) - start
-    times["step"] = sum(times[k] for k in ("generate", "score", "forward", "update"))
+    times["step"] = sum(times.get(k, 0.0) for k in ("generate", "score", "forward", "update"))
     del models, optimizers, schedule
     return times, rollout
 
@@ -357,7 +366,10 @@ def run_ours(args):
                     BATCH_SIZE=args.prompts, GROUP_SIZE=args.group_size, MAX_NEW_TOKENS=args.tokens,
                     GROUP_EPOCHES=args.epochs, LEARNING_RATE=args.lr, CRITIC_LEARNING_RATE=args.lr,
                     KL_COEF=args.kl_coef, TEMPERATURE=args.temperature, SEED=args.seed, DEVICE=args.device,
+                    ADVANTAGE_ESTIMATOR=args.estimator,
                     OUTPUT_DIR=tempfile.mkdtemp(prefix="ppo-bench-"))      # its log file only; removed at the end
+    if args.model_config == "smollm2":              # rule rewards: no reward model; the critic from the policy
+        settings.update(CRITIC_MODEL=None, REWARD_MODEL=None, REWARD_FUNCTIONS={"answer": 1.0})
     trainer = ppo.PPOTrainer(**settings)
     trainer.references.update(references)
     trainer.prepare_prompts([p for batch in batches for p in batch])
@@ -384,7 +396,8 @@ def run_ours(args):
         row = {k.split("/")[1]: metrics[k] for k in metrics if k.startswith("time/")}
         row.update(other=row["step"] - sum(row.get(k, 0.0) for k in ("generate", "score", "forward", "update")),
                    tokens_per_s=metrics["throughput/tokens_per_second"], reward=metrics["objective/score"],
-                   rm_score=metrics["objective/rm_score"], response_tokens=int(seen["rollout"].response_mask.sum()),
+                   rm_score=metrics.get("objective/rm_score", float("nan")),
+                   response_tokens=int(seen["rollout"].response_mask.sum()),
                    skipped=metrics["ppo/skipped_optimizer_steps"])
         if bare is not None:
             r = seen["rollout"]
@@ -411,7 +424,7 @@ def run_ours(args):
         result["bare_s"] = bare
         result["same_tokens"] = all(r["same_tokens"] for r in rows)
         result["ratio_to_bare"] = {"step": result["step_s"] / bare["step"], **{
-            k: result["phases_s"][k] / bare[k] for k in ("generate", "score", "forward", "update")}}
+            k: result["phases_s"][k] / bare[k] for k in ("generate", "score", "forward", "update") if k in bare}}
     shutil.rmtree(settings["OUTPUT_DIR"], ignore_errors=True)
     return result
 
@@ -531,6 +544,10 @@ def main(argv=None):
     stdout, sys.stdout = sys.stdout, sys.stderr      # only the JSON goes to stdout
     if args.model_config == "random-0.5b" and not args.worker:
         args.policy, args.reward = build_random_05b(BENCH / "random-0.5b")
+    if args.model_config == "smollm2":
+        sys.path.insert(0, str(ROOT / "data"))
+        from build_smollm2 import build
+        args.policy = str(build())
     if args.worker:
         result = run_ours(args) if args.worker == "ours" else run_trl(args)
     else:

@@ -223,7 +223,8 @@ def test_answer_match_picks_the_rule(tiny, tmp_path):
     the reference reward."""
     prompt, reference = PROMPTS[0], "3+4=7. The answer is 7."
     responses = ["3+4=7.  The answer is 7.", "So 3+4=7. The answer is 7. Done.", "7", "3+4=7. The answer is 8."]
-    right = {"exact": [1, 0, 0, 0], "contains": [0, 1, 0, 0], "last_number": [1, 1, 1, 0]}
+    right = {"exact": [1, 0, 0, 0], "contains": [0, 1, 0, 0], "last_number": [1, 1, 1, 0],
+             "boxed": [0, 0, 0, 0]}                         # nothing is boxed (test_math checks "boxed" itself)
     assert set(right) == set(ppo.CHOICES["ANSWER_MATCH"])
     for rule, correct in right.items():
         trainer = scripted(tiny, tmp_path / rule, responses=responses, has_eos=[True] * 4,
