@@ -145,7 +145,12 @@ ADAPTIVE_KL = False                 # Ziegler et al.'s controller: beta moves to
 ADAPTIVE_KL_TARGET = 6.0            # target KL per response, nats
 ADAPTIVE_KL_HORIZON = 10000         # responses over which beta may change by ~20%
 GAMMA = 1.0                         # discount over response tokens
-LAM = 0.95                          # GAE lambda
+LAM = 0.95                          # GAE lambda (the policy's; also the critic's unless LAM_VALUE)
+LAM_VALUE = None                    # the critic's returns' lambda (VC-PPO's decoupled GAE: 1.0)
+LENGTH_ADAPTIVE_LAM = 0.0           # VAPO: the policy's lambda = 1 - 1/(alpha * length); alpha 0.05
+VALUE_WARMUP_STEPS = 0              # VC-PPO: the first N PPO steps train only the critic
+POSITIVE_LM_COEF = 0.0              # VAPO: + this x the NLL of responses scoring >= the threshold
+POSITIVE_LM_THRESHOLD = 1.0         # ... the score that makes a response a positive example
 MISSING_EOS_PENALTY = 1.0           # subtracted from the score of a response with no EOS (0 = off)
 REWARD_NORMALIZATION = False        # scale scores by a running mean / std (kept in checkpoints)
 REWARD_CLIP = 0.0                   # clip (normalised) scores to +- this (0 = off)
@@ -184,6 +189,10 @@ LORA_R = 16                         # adapter rank r
 LORA_ALPHA = 32                     # adapter scale alpha (the update is scaled by alpha / r)
 LORA_DROPOUT = 0.0                  # keep 0: dropout makes the PPO ratio != 1 before any update
 LORA_TARGET_MODULES = "all-linear"  # "all-linear", or comma-separated module names: "q_proj,v_proj"
+SHARED_BASE = False                 # policy, critic: two LoRA adapters on one frozen base (the ref)
+LOAD_IN_4BIT = False                # QLoRA: that base in 4-bit NF4 (bitsandbytes; needs adapters)
+BASE_COMPUTE_DTYPE = "auto"         # 4-bit base computes in: "auto" (bf16 on GPUs, else "float32")
+SAVE_POLICY_AS = "merged"           # LoRA's final and best/ policy: "merged" | "adapter" (small)
 GRADIENT_CHECKPOINTING = False      # recompute activations in backward: less memory, ~30% slower
 OFFLOAD_REF_AND_REWARD = False      # keep the reference and reward models on CPU while not running
 DISTRIBUTED_TIMEOUT = 1800          # seconds a process waits for the others in a collective
@@ -228,13 +237,37 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, mean=None, var=None,
     return torch.where(mask, whitened, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def softmax_statistics(z: torch.Tensor, tokens: torch.Tensor,
+                       with_entropy: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """log p(token) and H(p) of p = softmax(z) for a chunk of rows: z (rows, V) float32."""
+    log_z = torch.logsumexp(z, dim=-1)
+    logprobs = z.gather(1, tokens[:, None]).squeeze(1) - log_z
+    entropy = (log_z - torch.softmax(z, dim=-1).mul_(z).sum(-1)) if with_entropy else None
+    return logprobs, entropy
+
+
+def softmax_gradient_(z: torch.Tensor, tokens: torch.Tensor, entropy: torch.Tensor, grad_logprobs,
+                      grad_entropy, temperature: float) -> torch.Tensor:
+    """In place, z = logits / T of a chunk (rows, V) float32 becomes d loss / d logits, from the
+    gradients of log p(token) and H (either may be None):
+        d logp_y / dz = onehot(y) - p,    dH / dz = -p * (log p + H)."""
+    z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))                               # log p
+    p = z.exp()
+    g_lp = grad_logprobs[:, None] if grad_logprobs is not None else torch.zeros_like(p[:, :1])
+    if grad_entropy is not None:                         # in place: -p * (g_lp + g_H * (log p + H))
+        z.add_(entropy[:, None]).mul_(grad_entropy[:, None]).add_(g_lp)
+    else:
+        z.copy_(g_lp.expand_as(z))
+    z.mul_(p).neg_()
+    z.scatter_add_(1, tokens[:, None], g_lp)
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
 class _LogprobsAndEntropy(torch.autograd.Function):
     """log pi(token) and entropy H(pi) of softmax(logits / T), one row chunk at a time.
 
     Autograd through log_softmax keeps several (B, T, V) float32 tensors alive; this keeps only the
-    logits (whatever their dtype) and recomputes the softmax of one chunk in backward, in place:
-        d logp_y / dz = onehot(y) - p,    dH / dz = -p * (log p + H),    z = logits / T.
-    """
+    logits (whatever their dtype) and recomputes the softmax of one chunk in backward, in place."""
 
     @staticmethod
     def forward(ctx, logits, tokens, temperature, chunk_rows, with_entropy):
@@ -242,11 +275,11 @@ class _LogprobsAndEntropy(torch.autograd.Function):
         entropy = torch.zeros_like(logprobs)
         for start in range(0, logits.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            z = scaled_logits(logits[rows], temperature)                        # (rows, V) float32
-            log_z = torch.logsumexp(z, dim=-1)
-            logprobs[rows] = z.gather(1, tokens[rows, None]).squeeze(1) - log_z
-            if with_entropy:
-                entropy[rows] = log_z - torch.softmax(z, dim=-1).mul_(z).sum(-1)
+            lp, h = softmax_statistics(scaled_logits(logits[rows], temperature), tokens[rows],
+                                       with_entropy)
+            logprobs[rows] = lp
+            if h is not None:
+                entropy[rows] = h
         ctx.save_for_backward(logits, tokens, entropy)
         ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
         return logprobs, entropy
@@ -257,21 +290,51 @@ class _LogprobsAndEntropy(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            grad = scaled_logits(logits[rows], ctx.temperature)
-            grad.sub_(torch.logsumexp(grad, dim=-1, keepdim=True))                 # log p, in place
-            p = grad.exp()
-            g_lp = (grad_logprobs[rows, None] if grad_logprobs is not None
-                    else torch.zeros_like(p[:, :1]))
-            if grad_entropy is not None:                 # in place: -p * (g_lp + g_H * (log p + H))
-                grad.add_(entropy[rows, None]).mul_(grad_entropy[rows, None]).add_(g_lp)
-            else:
-                grad.copy_(g_lp.expand_as(grad))
-            grad.mul_(p).neg_()
-            grad.scatter_add_(1, tokens[rows, None], g_lp)
-            if ctx.temperature != 1.0:
-                grad.div_(ctx.temperature)
-            grad_logits[rows] = grad
+            grad_logits[rows] = softmax_gradient_(
+                scaled_logits(logits[rows], ctx.temperature), tokens[rows], entropy[rows],
+                None if grad_logprobs is None else grad_logprobs[rows],
+                None if grad_entropy is None else grad_entropy[rows], ctx.temperature)
         return grad_logits, None, None, None, None
+
+
+class _HeadLogprobsAndEntropy(torch.autograd.Function):
+    """The same statistics from the last hidden states and the LM head: logits = hidden W^T of one
+    chunk of rows at a time, in forward and again in backward, so no (B, T, V) logits tensor (nor
+    its gradient) is ever held whole, as a fused LM head and log-softmax. The head runs in the
+    dtype autocast would give it (`dtype`), so the values are the model's own logits'."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, temperature, chunk_rows, with_entropy, dtype):
+        logprobs = torch.empty(tokens.shape, dtype=torch.float32, device=hidden.device)
+        entropy = torch.zeros_like(logprobs)
+        w = weight.to(dtype)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            z = scaled_logits(nn.functional.linear(hidden[rows].to(dtype), w), temperature)
+            lp, h = softmax_statistics(z, tokens[rows], with_entropy)
+            logprobs[rows] = lp
+            if h is not None:
+                entropy[rows] = h
+        ctx.save_for_backward(hidden, weight, tokens, entropy)
+        ctx.temperature, ctx.chunk_rows, ctx.dtype = temperature, chunk_rows, dtype
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, tokens, entropy = ctx.saved_tensors
+        w = weight.to(ctx.dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            h = hidden[rows].to(ctx.dtype)
+            g = softmax_gradient_(
+                scaled_logits(nn.functional.linear(h, w), ctx.temperature), tokens[rows],
+                entropy[rows], None if grad_logprobs is None else grad_logprobs[rows],
+                None if grad_entropy is None else grad_entropy[rows], ctx.temperature).to(ctx.dtype)
+            grad_hidden[rows] = g @ w
+            grad_weight += (g.t() @ h).float()
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 
 def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -290,6 +353,21 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature
     logprobs, entropy = _LogprobsAndEntropy.apply(
         logits.reshape(batch * length, vocab), tokens.reshape(-1), float(temperature), chunk_rows,
         with_entropy)
+    return logprobs.view(batch, length), entropy.view(batch, length)
+
+
+def head_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+                              temperature: float = 1.0, with_entropy: bool = True):
+    """Last hidden states (B, T, H) before the tokens (B, T) and the LM head's weight (V, H) ->
+    (log pi(token) (B, T), entropy (B, T)) float32, the logits made 16 MB of rows at a time."""
+    batch, length, _ = hidden.shape
+    device = hidden.device.type
+    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else
+             torch.promote_types(hidden.dtype, weight.dtype))
+    chunk_rows = max(1, (1 << 22) // weight.shape[0])
+    logprobs, entropy = _HeadLogprobsAndEntropy.apply(
+        hidden.reshape(batch * length, -1), weight, tokens.reshape(-1), float(temperature),
+        chunk_rows, with_entropy, dtype)
     return logprobs.view(batch, length), entropy.view(batch, length)
 
 
@@ -323,9 +401,9 @@ def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.T
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor,
-                gamma: float, lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                gamma: float, lam) -> Tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens, V = 0 after the last one
-    (B, T) -> (B, T).
+    (B, T) -> (B, T); lam is one number or one per response (B,).
     delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1};
     returns = A + V."""
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
@@ -370,10 +448,25 @@ def masked_mean_var(x: torch.Tensor, mask: torch.Tensor,
     return mean, all_sum(masked_sum((x - mean) ** 2, mask)) / (count - 1).clamp(min=1)
 
 
+def policy_lambdas(mask: torch.Tensor, cfg, dtype: torch.dtype = torch.float32):
+    """The policy's GAE lambda: LAM, or with LENGTH_ADAPTIVE_LAM = alpha VAPO's length-adaptive
+    lambda of each response (B,) in `dtype`, 1 - 1 / (alpha * its length) clamped to [0, 1] (arXiv
+    2504.05118: a long response needs a lambda near 1 for its end to reach its start)."""
+    if not cfg.LENGTH_ADAPTIVE_LAM:
+        return cfg.LAM
+    lengths = mask.sum(1).clamp(min=1).to(dtype)
+    return (1 - 1 / (cfg.LENGTH_ADAPTIVE_LAM * lengths)).clamp(0, 1)
+
+
 def critic_advantages(rewards, values, mask, cfg, all_sum):
-    """gae: GAE with the critic's V_old, whitened over the valid tokens of every process. Returns
-    (advantages, returns, advantages before whitening), each (B, T)."""
-    advantages, returns = compute_gae(rewards, values, mask, cfg.GAMMA, cfg.LAM)
+    """gae: GAE with the critic's V_old, whitened over the valid tokens of every process. The
+    policy's advantages take policy_lambdas and the critic's returns LAM_VALUE (VC-PPO's decoupled
+    GAE, arXiv 2503.01491: lambda = 1 carries the terminal score to every token's value target
+    unbiased; None = LAM). Returns (advantages, returns, advantages before whitening), (B, T)."""
+    advantages, _ = compute_gae(rewards, values, mask, cfg.GAMMA,
+                                 policy_lambdas(mask, cfg, values.dtype))
+    _, returns = compute_gae(rewards, values, mask, cfg.GAMMA,
+                             cfg.LAM if cfg.LAM_VALUE is None else cfg.LAM_VALUE)
     mean, var = masked_mean_var(advantages, mask, all_sum)
     return masked_whiten(advantages, mask, mean, var), returns, advantages
 
@@ -504,12 +597,21 @@ def aggregate_count(mask: torch.Tensor, mode: str, max_new_tokens: int) -> torch
     return LOSS_AGGREGATIONS[mode][1](mask, max_new_tokens)
 
 
+def positive_mask(batch, cfg) -> torch.Tensor:
+    """(B, T) the trained tokens of the responses whose score reaches POSITIVE_LM_THRESHOLD."""
+    positive = batch.trained & (batch.scores >= cfg.POSITIVE_LM_THRESHOLD)
+    return batch.response_mask & positive[:, None]
+
+
 def loss_counts(batch, cfg) -> torch.Tensor:
     """The denominators of ppo_loss over some rows, [policy terms (LOSS_AGGREGATION), value loss
-    (tokens)]: sums over rows, added over the micro-batches and processes of a minibatch."""
+    (tokens), positive examples (LOSS_AGGREGATION)]: sums over rows, added over the micro-batches
+    and processes of a minibatch."""
     mask = batch.response_mask & batch.trained[:, None]
     return torch.stack([aggregate_count(mask, cfg.LOSS_AGGREGATION, cfg.MAX_NEW_TOKENS),
-                        batch.response_mask.sum().float()])
+                        batch.response_mask.sum().float(),
+                        aggregate_count(positive_mask(batch, cfg), cfg.LOSS_AGGREGATION,
+                                        cfg.MAX_NEW_TOKENS)])
 
 
 def clipped_value_loss(values, old_values, returns, clip_range_value: float):
@@ -522,15 +624,17 @@ def clipped_value_loss(values, old_values, returns, clip_range_value: float):
     return 0.5 * torch.max(vf_loss1, vf_loss2), vf_loss2 > vf_loss1
 
 
-def ppo_loss(logprobs, entropy, values, batch, cfg, counts: torch.Tensor
-             ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def ppo_loss(logprobs, entropy, values, batch, cfg, counts: torch.Tensor,
+             train_policy: bool = True) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """One micro-batch's share of its minibatch's loss: the policy terms (POLICY_LOSS - c2 * H,
     + KL_LOSS_COEF * KL with KL_IN_LOSS, as GRPO does (arXiv 2402.03300, with k3); the reward then
-    has no KL) aggregated by LOSS_AGGREGATION, + c1 * the token mean of
-    the value loss, each over the denominator of the whole minibatch (counts, from loss_counts).
-    Rows not `trained` (DYNAMIC_SAMPLING, group estimators only) add nothing to the policy terms
-    (the value loss, critic runs only, takes every row). Returns the loss and the token sums of its
-    statistics, by name."""
+    has no KL) aggregated by LOSS_AGGREGATION, + POSITIVE_LM_COEF * the NLL of the positive
+    examples (VAPO's self-imitation, aggregated like them over the positive rows), + c1 * the token
+    mean of the value loss, each over the denominator of the whole minibatch (counts, from
+    loss_counts). Rows not `trained` (DYNAMIC_SAMPLING, group estimators only) add nothing to the
+    policy terms (the value loss, critic runs only, takes every row). With train_policy False
+    (VALUE_WARMUP_STEPS) the policy terms weigh 0: every parameter still gets a gradient, as DDP
+    requires. Returns the loss and the token sums of its statistics, by name."""
     mask = batch.response_mask & batch.trained[:, None]
     pg_loss, pg_clipped = policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, cfg)
     policy_terms = pg_loss - cfg.ENTROPY_COEF * entropy
@@ -546,6 +650,13 @@ def ppo_loss(logprobs, entropy, values, batch, cfg, counts: torch.Tensor
         policy_terms = policy_terms + cfg.KL_LOSS_COEF * kl
         sums["kl_loss"] = masked_sum(kl.detach(), mask)
     loss = aggregate_sum(policy_terms, mask, cfg.LOSS_AGGREGATION) / counts[0].clamp(min=1e-8)
+    if cfg.POSITIVE_LM_COEF:
+        positive = positive_mask(batch, cfg)
+        nll = aggregate_sum(-logprobs, positive, cfg.LOSS_AGGREGATION) / counts[2].clamp(min=1e-8)
+        loss = loss + cfg.POSITIVE_LM_COEF * nll
+        sums["positive_lm"] = masked_sum(-logprobs.detach(), positive)
+        sums["positive_tokens"] = positive.sum().float()
+    loss = loss * float(train_policy)
     if values is not None:
         value_mask = batch.response_mask
         vf_loss, vf_clipped = clipped_value_loss(values, batch.values, batch.returns,
@@ -835,6 +946,9 @@ def update_metrics(sums: Dict[str, torch.Tensor], norms: torch.Tensor, epochs: i
                "grad_norm/policy": norms[:, 0].nanmean()}
     if "kl_loss" in sums:
         metrics["ppo/loss/kl"] = per_token["kl_loss"]
+    if "positive_lm" in sums:                            # per token of the positive examples
+        metrics["ppo/loss/positive_lm"] = sums["positive_lm"] / sums["positive_tokens"].clamp(min=1)
+        metrics["ppo/positive_fraction"] = per_token["positive_tokens"]
     if "vf_loss" in sums:
         metrics["ppo/loss/value"] = per_token["vf_loss"]
         metrics["ppo/val/clipfrac"] = per_token["vf_clipped"]
@@ -846,8 +960,9 @@ def skipped_update_metrics(optimizer_steps: int, with_critic: bool, cfg,
                            nothing_to_learn: bool) -> Dict[str, torch.Tensor]:
     """update_metrics' keys for a step whose update did not run (a NaN, or nothing to learn):
     NaN statistics, every optimizer step skipped."""
-    names = ("tokens", "pg_loss", "entropy", "pg_clipped", "approx_kl", "ratio") + (
-        ("vf_loss", "vf_clipped") if with_critic else ()) + (("kl_loss",) if cfg.KL_IN_LOSS else ())
+    names = (["tokens", "pg_loss", "entropy", "pg_clipped", "approx_kl", "ratio"] +
+             ["vf_loss", "vf_clipped"] * with_critic + ["kl_loss"] * bool(cfg.KL_IN_LOSS) +
+             ["positive_lm", "positive_tokens"] * bool(cfg.POSITIVE_LM_COEF))
     nan = torch.tensor(math.nan)
     empty = (optimizer_steps if nothing_to_learn else 0) if cfg.DYNAMIC_SAMPLING else None
     return update_metrics(dict.fromkeys(names, nan), torch.full((1, 2), math.nan), 0,
@@ -943,25 +1058,68 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor,
     return head_outputs(model, input_ids, attention_mask)[torch.arange(len(last)), last]
 
 
-class PolicyAndCritic(nn.Module):
-    """Both trained models in one module, so DDP / DeepSpeed wrap (and synchronise) them
-    together."""
+def body(model: nn.Module) -> nn.Module:
+    """The transformer under a causal LM's head, through a peft wrapper (its adapters are in it)."""
+    return (model.get_base_model() if hasattr(model, "get_base_model") else model).base_model
 
-    def __init__(self, policy: nn.Module, critic: Optional[nn.Module]):
+
+def fused_head(model: nn.Module) -> Optional[nn.Linear]:
+    """The LM head when the model's logits are plainly hidden @ W^T (no bias, softcapping or
+    scaling, no adapter on the head), so that head_logprobs_and_entropy can stand for them; None
+    when they are not (the model's own logits are used then)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    config = getattr(inner.config, "get_text_config", lambda: inner.config)()
+    if (type(head) is not nn.Linear or head.bias is not None or
+            any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale",
+                                                   "logits_scaling"))):
+        return None
+    return head
+
+
+def response_statistics(model: nn.Module, keep_logits: bool, input_ids, attention_mask,
+                        response_ids, temperature: float, with_entropy: bool = True):
+    """(B, P + T) sequences -> (log pi, entropy) of each response token (B, T) at `temperature`:
+    from the last hidden states through the fused LM head (no (B, T, V) logits held), or from the
+    model's own logits when its head is not a plain linear one."""
+    length, head = response_ids.shape[1], fused_head(model)
+    if head is None:
+        logits = response_logits(model, keep_logits, input_ids, attention_mask, length)
+        with torch.autocast(input_ids.device.type, enabled=False):
+            return logprobs_and_entropy(logits, response_ids, temperature, with_entropy)
+    hidden = body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                         position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+    return head_logprobs_and_entropy(hidden[:, -length - 1:-1], head.weight, response_ids,
+                                     temperature, with_entropy)
+
+
+class PolicyAndCritic(nn.Module):
+    """Both trained models in one module, so DDP / DeepSpeed wrap (and synchronise) them together:
+    the policy and a critic model (backbone + `score` head), or with SHARED_BASE (`adapters`) the
+    policy's base with its "critic" adapter and a value head."""
+
+    def __init__(self, policy: nn.Module, critic: Optional[nn.Module],
+                 adapters: Optional["Adapters"] = None):
         super().__init__()
-        self.policy, self.critic = policy, critic
+        self.policy, self.critic, self.adapters = policy, critic, adapters
         self.keep_logits = supports_logits_to_keep(policy)
 
-    def forward(self, input_ids, attention_mask, response_length: int):
-        """(B, P + T) sequences -> logits predicting each response token (B, T, V), values V_t
-        (B, T)."""
-        logits = response_logits(self.policy, self.keep_logits, input_ids, attention_mask,
-                                 response_length)
+    def forward(self, input_ids, attention_mask, response_ids, temperature: float):
+        """(B, P + T) sequences -> log pi (B, T), entropy (B, T) and values V_t (B, T) of each
+        response token (None without a critic)."""
+        logprobs, entropy = response_statistics(self.policy, self.keep_logits, input_ids,
+                                                attention_mask, response_ids, temperature)
         values = None
-        if self.critic is not None:
+        if self.adapters is not None:
+            with self.adapters.active("critic"):
+                hidden = body(self.policy)(input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=position_ids_from_mask(attention_mask),
+                                           use_cache=False).last_hidden_state
+            values = self.critic(hidden).squeeze(-1).float()[:, -response_ids.shape[1] - 1:-1]
+        elif self.critic is not None:
             values = head_outputs(self.critic, input_ids,
-                                  attention_mask)[:, -response_length - 1:-1]
-        return logits, values
+                                  attention_mask)[:, -response_ids.shape[1] - 1:-1]
+        return logprobs, entropy, values
 
 
 class Reference(nn.Module):
@@ -973,10 +1131,11 @@ class Reference(nn.Module):
         self.model, self.adapters_off = model, adapters_off
         self.keep_logits = supports_logits_to_keep(model)
 
-    def forward(self, input_ids, attention_mask, response_length: int) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, response_ids, temperature: float) -> torch.Tensor:
+        """log pi_ref of each response token (B, T)."""
         with self.model.disable_adapter() if self.adapters_off else contextlib.nullcontext():
-            return response_logits(self.model, self.keep_logits, input_ids, attention_mask,
-                                   response_length)
+            return response_statistics(self.model, self.keep_logits, input_ids, attention_mask,
+                                       response_ids, temperature, with_entropy=False)[0]
 
 
 @contextlib.contextmanager
@@ -1241,11 +1400,8 @@ class PPOStep:
         with placed(self.ref, self.device, offload), self.backend.autocast():
             for idx in torch.arange(len(rollout)).split(self.chunk):
                 rows = rollout.select(idx)
-                t = rows.response_ids.shape[1]
-                logits = self.ref(*rows.sequences(), t)
-                logprobs[idx, :t] = logprobs_and_entropy(logits, rows.response_ids,
-                                                         self.cfg.TEMPERATURE,
-                                                         with_entropy=False)[0]
+                logprobs[idx, :rows.response_ids.shape[1]] = self.ref(
+                    *rows.sequences(), rows.response_ids, self.cfg.TEMPERATURE)
         return logprobs
 
     @torch.no_grad()
@@ -1263,9 +1419,7 @@ class PPOStep:
         """The trained models over some rows, on the numeric path of the update (with gradients)."""
         ids, attention = rows.sequences()
         with self.backend.autocast():
-            logits, values = self.model(ids, attention, rows.response_ids.shape[1])
-        logprobs, entropy = logprobs_and_entropy(logits, rows.response_ids, self.cfg.TEMPERATURE)
-        return PolicyPass(logprobs, entropy, values)
+            return PolicyPass(*self.model(ids, attention, rows.response_ids, self.cfg.TEMPERATURE))
 
     def ppo_update(self, experience: Experience, schedule=None,
                    first_pass: Optional[PolicyPass] = None) -> Dict[str, torch.Tensor]:
@@ -1315,7 +1469,8 @@ class PPOStep:
             last = i == len(micro_batches) - 1
             with self.backend.micro_batch(last):
                 current = first_pass if first_pass is not None else self.forward(batch)
-                loss, sums = ppo_loss(*current, batch, self.cfg, counts)
+                loss, sums = ppo_loss(*current, batch, self.cfg, counts,
+                                      self.state.global_step >= self.cfg.VALUE_WARMUP_STEPS)
                 self.backend.backward(loss, last)
             first_pass = None
             totals = {k: totals.get(k, 0) + v for k, v in sums.items()}
@@ -1512,7 +1667,7 @@ class PPOTrainer(PPOStep):
             try:
                 reason = self.run_loop(train_prompts, eval_prompts)
                 if self.state.global_step > max(self.saved_step, 0):
-                    self.save_checkpoint()
+                    self.save_checkpoint(final=True)
                 self.files.close()
                 self.backend.wait()    # no process exits before the main one has closed its files
             except RuntimeError as e:
@@ -1589,8 +1744,9 @@ class PPOTrainer(PPOStep):
         self.log_row(metrics)
         bar.set_description_str(f"Epoch {self.state.epoch + 1}/{cfg.NUM_EPOCHES}: "
                                 f"{progress_postfix(metrics)}")
+        last = step >= self.plan.total_steps or stop or error or stopping
         if (cfg.SAVE_EVERY_N_STEPS and step % cfg.SAVE_EVERY_N_STEPS == 0) or stop or error:
-            self.save_checkpoint()
+            self.save_checkpoint(final=last)
         if error:
             raise error
         if stop:
@@ -1648,10 +1804,10 @@ class PPOTrainer(PPOStep):
             set_aside_later(self.output_dir, s.global_step) if self.is_main else None)
         if not best_moved or s.best_step < 0 or not self.cfg.SAVE_BEST_POLICY:
             return
-        source = checkpoint_path(self.output_dir, s.best_step) / "policy"
+        source = checkpoint_path(self.output_dir, s.best_step)
         if s.best_step == s.global_step:
             self.save_policy(self.output_dir / "best")
-        elif source.is_dir():
+        elif (source / "policy").is_dir():
             self.save_policy(self.output_dir / "best", source)
         else:
             logger.warning(f"No checkpoint holds this run's best policy (step {s.best_step}): the "
@@ -1659,19 +1815,22 @@ class PPOTrainer(PPOStep):
             s.best_metric, s.best_step, s.evals_without_improvement = None, -1, 0
 
     def save_policy(self, folder: Path, source: Optional[Path] = None) -> None:
-        """best/: the policy (or the one saved in the checkpoint folder `source`) and tokenizer in
-        Hugging Face format, in the model's own dtype, with best.json naming its step; written
-        atomically."""
+        """best/: the policy (or the one saved in the checkpoint step_N `source`) and tokenizer in
+        Hugging Face format, in the model's own dtype (under LoRA merged, or the adapter by
+        SAVE_POLICY_AS), with best.json naming its step; written atomically."""
         s, cfg = self.state, self.cfg
         best = {"step": s.best_step, "metric": cfg.EARLY_STOPPING_METRIC, "value": s.best_metric}
 
         def write(tmp: Path) -> None:
-            if source is None:
-                write_policy(self.policy, self.tokenizer, tmp, tmp / "adapter", cfg,
-                             self.policy_dtype)
+            merged = cfg.SAVE_POLICY_AS == "merged"
+            if source is None or uses_adapters(cfg):
+                adapter = (source / "policy_adapter" if source is not None else
+                           tmp / "adapter" if merged else tmp)
+                write_policy(self.policy if source is None else None, self.tokenizer, tmp,
+                             adapter, cfg, self.policy_dtype, merged)
             else:
-                write_model(load_causal_lm("ACTOR_MODEL", str(source), cfg, self.policy_dtype),
-                            self.tokenizer, tmp)
+                write_model(load_causal_lm("ACTOR_MODEL", str(source / "policy"), cfg,
+                                           self.policy_dtype), self.tokenizer, tmp)
             (tmp / "best.json").write_text(json.dumps(best))
         failure = None
         if self.is_main:
@@ -1684,13 +1843,14 @@ class PPOTrainer(PPOStep):
         if failure:
             raise TrainingError(failure)
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, final: bool = False) -> Path:
         """OUTPUT_DIR/checkpoints/step_N/{policy/, critic/, training_state.pt, config.json},
-        complete or absent; a write that fails fails every process with the same error."""
+        complete or absent (`final`: the run's last); a write that fails fails every process with
+        the same error."""
         path = checkpoint_path(self.output_dir, self.state.global_step)
         try:
             write_checkpoint(path, self.state, self.backend, self.cfg, self.policy, self.critic,
-                             self.tokenizer)
+                             self.tokenizer, final)
             failure = None
         except TrainingError as e:
             failure = str(e)
@@ -1802,6 +1962,9 @@ class Backend:
         if stepped:
             for group, lr in zip(groups, learning_rates):
                 group["lr"] = lr
+                if lr == 0:             # a frozen model (VALUE_WARMUP_STEPS): AdamW skips it whole
+                    for p in group["params"]:
+                        p.grad = None
             self.optimizer.step()
         # fp16: back off the loss scale as GradScaler's skip does
         elif self.accelerator.scaler is not None:
@@ -2282,12 +2445,14 @@ RULE_REWARDS = {  # REWARD_FUNCTIONS: (response, its prompt's reference or None,
 # ---------------------------------------------------------------------------------------------
 def learning_rates(state, cfg) -> Tuple[float, float]:
     """Policy and critic learning rates at the state's optimizer step: schedule (over the state's
-    horizon) x plateau scale x base."""
+    horizon) x plateau scale x base; the policy's is 0 in the first VALUE_WARMUP_STEPS PPO steps
+    (the backend then takes no step for it: its optimizer state stays as it was)."""
     schedule = (lr_factor(state.optimizer_steps, state.lr_horizon, cfg.WARMUP_STEPS,
                           cfg.LR_SCHEDULER_TYPE, state.lr_restart, state.lr_restart_factor)
                 if cfg.USE_LR_SCHEDULER else 1.0)
     factor = schedule * state.lr_scale
-    return cfg.LEARNING_RATE * factor, cfg.CRITIC_LEARNING_RATE * factor
+    policy = float(state.global_step >= cfg.VALUE_WARMUP_STEPS)
+    return cfg.LEARNING_RATE * factor * policy, cfg.CRITIC_LEARNING_RATE * factor
 
 
 LR_SCHEDULES = {  # LR_SCHEDULER_TYPE: progress in [0, 1] after warmup -> factor of the base rate
@@ -2405,9 +2570,12 @@ CHOICES = {  # the string settings: the names of their tables, or the values the
     "POLICY_LOSS": tuple(POLICY_LOSSES), "LOSS_AGGREGATION": tuple(LOSS_AGGREGATIONS),
     "ANSWER_MATCH": tuple(ANSWER_RULES), "ADVANTAGE_ESTIMATOR": tuple(ADVANTAGE_ESTIMATORS),
     "DEVICE": ("auto", "cpu"), "MIXED_PRECISION": ("auto", "bf16", "fp16", "no"),
+    "BASE_COMPUTE_DTYPE": ("auto", "bfloat16", "float16", "float32"),
+    "SAVE_POLICY_AS": ("merged", "adapter"),
 }
 MODEL_KEYS = ("ACTOR_MODEL", "CRITIC_MODEL", "REWARD_MODEL")
-STRUCTURE_KEYS = MODEL_KEYS + ("ADVANTAGE_ESTIMATOR", "USE_LORA", "LORA_R", "LORA_TARGET_MODULES")
+STRUCTURE_KEYS = MODEL_KEYS + ("ADVANTAGE_ESTIMATOR", "USE_LORA", "LORA_R", "LORA_TARGET_MODULES",
+                              "SHARED_BASE")
 
 
 class ConfigError(Exception):
@@ -2532,6 +2700,10 @@ BOUNDS = {  # each setting's own range: NAME -> (whether a value is in it, the r
     "CLIP_RANGE_LOW": OPTIONAL_CLIP, "CLIP_RANGE_HIGH": OPTIONAL_CLIP,
     "DUAL_CLIP": (lambda v: v == 0 or v > 1, "> 1 (3.0 is usual), or 0 for off"),
     "LORA_R": (lambda v: v >= 1, ">= 1"),
+    "LAM_VALUE": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                          and 0 <= v <= 1), "in [0, 1], or None for LAM"),
+    **dict.fromkeys(("LENGTH_ADAPTIVE_LAM", "VALUE_WARMUP_STEPS", "POSITIVE_LM_COEF"),
+                    NON_NEGATIVE),
 }
 GROUP_ONLY = "'grpo', 'dr_grpo' or 'rloo'"
 RULES = [  # settings that cannot work together: (whether the settings break the rule, the message)
@@ -2582,6 +2754,16 @@ RULES = [  # settings that cannot work together: (whether the settings break the
     (lambda c: "format" in c.REWARD_FUNCTIONS and regex_problem(c.FORMAT_PATTERN),
      lambda c: f"FORMAT_PATTERN = {c.FORMAT_PATTERN!r}: the \"format\" rule needs a regular "
                f"expression ({regex_problem(c.FORMAT_PATTERN)})."),
+    (lambda c: c.ADVANTAGE_ESTIMATOR != "gae" and (
+        c.VALUE_WARMUP_STEPS or c.LAM_VALUE is not None or c.LENGTH_ADAPTIVE_LAM),
+     "VALUE_WARMUP_STEPS, LAM_VALUE and LENGTH_ADAPTIVE_LAM shape the critic's GAE, but "
+     "ADVANTAGE_ESTIMATOR = {ADVANTAGE_ESTIMATOR!r} has no critic: use 'gae' or turn them off."),
+    (lambda c: c.SHARED_BASE and c.CRITIC_MODEL not in (None, c.ACTOR_MODEL),
+     "SHARED_BASE makes the critic an adapter on ACTOR_MODEL's base, so it cannot start from "
+     "CRITIC_MODEL = {CRITIC_MODEL!r}: set CRITIC_MODEL = None."),
+    (lambda c: c.LOAD_IN_4BIT and not (c.USE_LORA or c.SHARED_BASE),
+     "LOAD_IN_4BIT freezes the base in 4-bit, so only adapters can learn: set USE_LORA = True or "
+     "SHARED_BASE = True."),
     (lambda c: "answer" in c.REWARD_FUNCTIONS and c.REFERENCE_REWARD,
      "REFERENCE_REWARD is the weight of the \"answer\" rule, which REWARD_FUNCTIONS names too: "
      "set one of them."),
@@ -2636,7 +2818,18 @@ def describe_objective(cfg: Config) -> str:
         parts.append(f"dual clip {cfg.DUAL_CLIP:g}")
     parts.append(f"KL ({cfg.KL_ESTIMATOR}) in the loss x {cfg.KL_LOSS_COEF:g}" if cfg.KL_IN_LOSS
                  else f"KL ({cfg.KL_ESTIMATOR}) in the reward x {cfg.KL_COEF:g}"
-                 + (" (adaptive)" if cfg.ADAPTIVE_KL else ""))
+                 + (" (adaptive)" if cfg.ADAPTIVE_KL else "") if uses_reference(cfg)
+                 else "no KL (no reference model)")
+    if cfg.ADVANTAGE_ESTIMATOR == "gae":
+        lam = (f"1 - 1/({cfg.LENGTH_ADAPTIVE_LAM:g} x length)" if cfg.LENGTH_ADAPTIVE_LAM
+               else f"{cfg.LAM:g}")
+        parts.append(f"GAE lambda {lam} for the policy, "
+                     f"{cfg.LAM if cfg.LAM_VALUE is None else cfg.LAM_VALUE:g} for the critic")
+    if cfg.VALUE_WARMUP_STEPS:
+        parts.append(f"only the critic trains in the first {cfg.VALUE_WARMUP_STEPS} steps")
+    if cfg.POSITIVE_LM_COEF:
+        parts.append(f"NLL x {cfg.POSITIVE_LM_COEF:g} on responses scoring >= "
+                     f"{cfg.POSITIVE_LM_THRESHOLD:g}")
     if cfg.DYNAMIC_SAMPLING:
         parts.append("dynamic sampling")
     if cfg.OVERLONG_BUFFER:
@@ -2835,12 +3028,13 @@ def check_model_kind(name: str, path: str, config, kind: str) -> None:
                           "one score per sequence (num_labels=1).")
 
 
-def load_causal_lm(name: str, path: str, cfg: Config, dtype: torch.dtype):
+def load_causal_lm(name: str, path: str, cfg: Config, dtype: torch.dtype, **extra):
+    """A causal LM in `dtype`, dropout off (extra: from_pretrained's quantization_config, ...)."""
     from transformers import AutoModelForCausalLM
     resolved, config = load_model_config(name, path, cfg)
     check_model_kind(name, path, config, "causal")
     model = AutoModelForCausalLM.from_pretrained(resolved, config=config, dtype=dtype,
-                                                 trust_remote_code=cfg.TRUST_REMOTE_CODE)
+                                                 trust_remote_code=cfg.TRUST_REMOTE_CODE, **extra)
     return disable_dropout(model)
 
 
@@ -2919,27 +3113,126 @@ def stop_token_ids(tokenizer, path: str, config, stop_tokens: List[str]) -> torc
     return torch.tensor(sorted(ids))
 
 
-def enable_checkpointing(model: nn.Module) -> None:
+def enable_checkpointing(model: nn.Module, context_fn=None) -> None:
     """Activation (gradient) checkpointing, non-reentrant so frozen inputs and LoRA need no extra
-    hooks."""
+    hooks; context_fn sets up the recompute (Adapters.checkpoint_contexts)."""
+    kwargs = {"use_reentrant": False, **({"context_fn": context_fn} if context_fn else {})}
     enable = getattr(model, "activation_checkpointing_enable", None)  # name since transformers 5.x
     if enable is not None:
-        enable({"use_reentrant": False})
+        enable(kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def apply_lora(policy: nn.Module, cfg: Config, adapter: Optional[str] = None) -> nn.Module:
-    """Wrap the policy in trainable LoRA adapters: new ones, or those saved in a checkpoint."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-    if adapter:
-        return PeftModel.from_pretrained(policy, adapter, is_trainable=True)
+def uses_adapters(cfg: Config) -> bool:
+    """The policy is a LoRA adapter on a frozen base (USE_LORA, or SHARED_BASE)."""
+    return bool(cfg.USE_LORA or cfg.SHARED_BASE)
+
+
+def load_base(cfg: Config, dtype: torch.dtype, device) -> nn.Module:
+    """ACTOR_MODEL as the frozen base of the adapters: in `dtype`, or with LOAD_IN_4BIT in 4-bit NF4
+    (bitsandbytes; computing in BASE_COMPUTE_DTYPE), prepared for k-bit training."""
+    if not cfg.LOAD_IN_4BIT:
+        return load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, dtype)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("LOAD_IN_4BIT needs bitsandbytes: pip install bitsandbytes") from None
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+    on_gpu = torch.device(device).type == "cuda"
+    compute = (getattr(torch, cfg.BASE_COMPUTE_DTYPE) if cfg.BASE_COMPUTE_DTYPE != "auto" else
+               torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=compute)
+    try:
+        base = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, compute,
+                              quantization_config=quantization, device_map={"": device})
+    except (RuntimeError, ValueError, ImportError, NotImplementedError) as e:
+        raise ConfigError(f"LOAD_IN_4BIT: bitsandbytes cannot load ACTOR_MODEL in 4-bit on "
+                          f"{device} ({first_line(e)}); set LOAD_IN_4BIT = False.") from None
+    for module in base.modules():
+        # bitsandbytes repacks a CPU layer's weights at its first eval-mode forward without grad
+        # (generate) for a kernel that has no backward: every later backward through the base
+        # would then lose the gradient to the layers below, silently
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    logger.info(f"ACTOR_MODEL in 4-bit NF4 (bitsandbytes), computing in {compute}: "
+                f"{base.get_memory_footprint() / 2 ** 20:.0f} MB")
+    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+
+
+def lora_config(cfg: Config):
+    from peft import LoraConfig
     targets = cfg.LORA_TARGET_MODULES
     targets = (targets if targets == "all-linear"
                else [name.strip() for name in targets.split(",") if name.strip()])
-    return get_peft_model(policy, LoraConfig(r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA,
-                                             lora_dropout=cfg.LORA_DROPOUT,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
+    return LoraConfig(r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
+                      target_modules=targets, task_type="CAUSAL_LM")
+
+
+def apply_lora(base: nn.Module, cfg: Config, checkpoint: Optional[Path] = None,
+               critic: bool = False) -> nn.Module:
+    """The policy's trainable LoRA adapter on `base` (peft's "default": new, or the checkpoint's
+    policy_adapter/), and with critic=True the critic's ("critic", from the checkpoint's critic/)
+    beside it on the same base; the policy's active."""
+    from peft import PeftModel, get_peft_model
+    if checkpoint is not None:
+        model = PeftModel.from_pretrained(base, str(checkpoint / "policy_adapter"),
+                                          is_trainable=True)
+        if critic:
+            model.load_adapter(str(checkpoint / "critic"), adapter_name="critic", is_trainable=True)
+    else:
+        model = get_peft_model(base, lora_config(cfg))
+        if critic:
+            model.add_adapter("critic", lora_config(cfg))
+    model.set_adapter("default")
+    return model
+
+
+class Adapters:
+    """The adapters of a shared base: `with adapters.active("critic"):` runs the base with the
+    critic's adapter, the policy's ("default") again after. peft's set_adapter freezes the other
+    adapter, and both learn in one backward, so every trainable parameter gets requires_grad back.
+    Gradient checkpointing recomputes a layer in backward, when another adapter may be active:
+    checkpoint_contexts makes each recompute run with the adapter of the layer's first run."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.current = model, "default"
+        self.trainable = [p for n, p in model.named_parameters() if "lora_" in n]
+        for p in self.trainable:
+            p.requires_grad_(True)
+
+    def switch(self, name: str) -> None:
+        self.model.set_adapter(name)
+        for p in self.trainable:
+            p.requires_grad_(True)
+        self.current = name
+
+    @contextlib.contextmanager
+    def active(self, name: str):
+        previous = self.current
+        self.switch(name)
+        try:
+            yield
+        finally:
+            self.switch(previous)
+
+    def checkpoint_contexts(self):
+        return contextlib.nullcontext(), self.active(self.current)
+
+
+def value_head(model: nn.Module, checkpoint: Optional[Path]) -> nn.Linear:
+    """SHARED_BASE's value head: hidden size -> 1, float32, new (as transformers initialises a
+    `score` head) or the checkpoint's critic/value_head.safetensors."""
+    from safetensors.torch import load_file
+    config = model.config.get_text_config()
+    head = nn.Linear(config.hidden_size, 1, bias=False)
+    if checkpoint is not None:
+        head.load_state_dict(load_file(checkpoint / "critic" / "value_head.safetensors"))
+    else:
+        nn.init.normal_(head.weight, std=getattr(config, "initializer_range", 0.02))
+    return head
 
 
 @dataclasses.dataclass
@@ -3009,10 +3302,10 @@ def load_models(cfg: Config, backend: "Backend", checkpoint: Optional[Path]) -> 
     frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(backend.mixed_precision,
                                                                        torch.float32)
     parked = "cpu" if cfg.OFFLOAD_REF_AND_REWARD else backend.device
-    reference = None
-    if cfg.USE_LORA:
-        policy = apply_lora(load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, frozen_dtype), cfg,
-                            adapter=str(checkpoint / "policy_adapter") if checkpoint else None)
+    reference, shared = None, cfg.SHARED_BASE and cfg.ADVANTAGE_ESTIMATOR == "gae"
+    if uses_adapters(cfg):
+        policy = apply_lora(load_base(cfg, frozen_dtype, backend.device), cfg, checkpoint,
+                            critic=shared)
         reference = Reference(policy, adapters_off=True) if uses_reference(cfg) else None
     else:
         start = str(checkpoint / "policy") if checkpoint else cfg.ACTOR_MODEL
@@ -3025,29 +3318,36 @@ def load_models(cfg: Config, backend: "Backend", checkpoint: Optional[Path]) -> 
     if reference is None:
         logger.info("No KL to the reference in the objective (KL_COEF = 0, no KL_IN_LOSS): the "
                     "reference model is neither loaded nor run.")
-    critic = None
-    if cfg.ADVANTAGE_ESTIMATOR == "gae":
+    critic, adapters = None, Adapters(policy) if shared else None
+    if shared:
+        critic = value_head(policy, checkpoint)
+    elif cfg.ADVANTAGE_ESTIMATOR == "gae":
         name, path = critic_source(cfg)
         critic = load_sequence_classifier(name, str(checkpoint / "critic") if checkpoint else path,
                                           cfg, torch.float32, is_reward=False)
-    for model in (policy, critic):
+    for model in (policy, None if shared else critic):
         if model is not None and cfg.GRADIENT_CHECKPOINTING:
-            enable_checkpointing(model)
+            enable_checkpointing(model, adapters.checkpoint_contexts if adapters else None)
     reward = None
     if cfg.REWARD_MODEL is not None:
         reward = load_sequence_classifier("REWARD_MODEL", cfg.REWARD_MODEL, cfg, frozen_dtype,
                                           is_reward=True).requires_grad_(False).eval().to(parked)
-    groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr}
-              for m, lr in ((policy, cfg.LEARNING_RATE), (critic, cfg.CRITIC_LEARNING_RATE))
-              if m is not None]
+    named = list(policy.named_parameters())     # with SHARED_BASE the critic's adapter is here too
+    policy_params = [p for n, p in named if p.requires_grad and ".critic." not in n]
+    critic_params = ([] if critic is None else list(critic.parameters()) +
+                     [p for n, p in named if ".critic." in n])
+    groups = [{"params": params, "lr": lr}
+              for params, lr in ((policy_params, cfg.LEARNING_RATE),
+                                 (critic_params, cfg.CRITIC_LEARNING_RATE)) if params]
     # fused: one kernel per optimizer step instead of a dozen small ops per tensor
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.WEIGHT_DECAY, fused=True)
     # training mode (dropout is off): gradient checkpointing acts in training mode only
-    model, optimizer = backend.prepare(PolicyAndCritic(policy, critic).train(), optimizer)
+    model, optimizer = backend.prepare(PolicyAndCritic(policy, critic, adapters).train(), optimizer)
     counts = [f"{sum(p.numel() for p in g['params']) / 1e6:.2f}M" for g in groups]
+    kind = "adapter + value head on the policy's base" if shared else type(critic).__name__
     logger.info(f"policy {type(policy).__name__} ({counts[0]} trainable parameters), critic "
-                f"{type(critic).__name__ if critic else 'none'} ({counts[1] if critic else 0}), "
-                f"device {backend.device}, mixed precision {backend.mixed_precision}")
+                f"{kind if critic else 'none'} ({counts[1] if critic else 0}), device "
+                f"{backend.device}, mixed precision {backend.mixed_precision}")
     check_learning_rate(policy, cfg)
     return Models(tokenizer, reward_tokenizer, stop_ids, model, optimizer, reference, reward,
                   saved_dtype(policy_config))
@@ -3055,23 +3355,42 @@ def load_models(cfg: Config, backend: "Backend", checkpoint: Optional[Path]) -> 
 
 def check_learning_rate(policy: nn.Module, cfg: Config) -> None:
     billions = sum(p.numel() for p in policy.parameters()) / 1e9
-    if billions >= 0.3 and not cfg.USE_LORA and cfg.LEARNING_RATE > 2e-5:
+    if billions >= 0.3 and not uses_adapters(cfg) and cfg.LEARNING_RATE > 2e-5:
         logger.warning(f"LEARNING_RATE = {cfg.LEARNING_RATE:g} is far above the usual 1e-6 to 5e-6 "
                        f"for a {billions:.1f}B-parameter policy; PPO is likely to diverge.")
 
 
 def write_policy(policy: nn.Module, tokenizer, folder: Path, adapter_folder: Path,
-                 cfg: Config, dtype: torch.dtype = torch.float32) -> None:
-    """A folder AutoModelForCausalLM.from_pretrained loads, its weights in `dtype`; under LoRA the
-    adapters go to adapter_folder (what a resume loads) and `folder` gets base + adapters merged on
-    a CPU copy (training is untouched)."""
-    if not cfg.USE_LORA:
+                 cfg: Config, dtype: torch.dtype = torch.float32, merged: bool = True) -> None:
+    """A folder AutoModelForCausalLM.from_pretrained loads, its weights in `dtype`. Under LoRA the
+    policy's adapter goes to adapter_folder (what a resume loads; policy None: the adapter saved
+    there already), and `folder` gets it too (small; transformers loads it onto ACTOR_MODEL through
+    peft), or with `merged` base + adapter merged on a CPU copy in `dtype` (training is
+    untouched)."""
+    if not uses_adapters(cfg):
         return write_model(policy, tokenizer, folder, dtype)
     from peft import PeftModel
-    policy.save_pretrained(adapter_folder)
+    if policy is not None:                          # None: adapter_folder holds a saved adapter
+        policy.save_pretrained(adapter_folder, selected_adapters=["default"])
+    if not merged:
+        if folder != adapter_folder:
+            shutil.copytree(adapter_folder, folder, dirs_exist_ok=True)
+        return tokenizer.save_pretrained(folder)
     base = load_causal_lm("ACTOR_MODEL", cfg.ACTOR_MODEL, cfg, dtype)
     write_model(PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload(), tokenizer,
                 folder, dtype)
+
+
+def write_critic(critic: nn.Module, policy: nn.Module, tokenizer, folder: Path,
+                 cfg: Config) -> None:
+    """critic/: the critic model with the policy's tokenizer (it reads the policy's tokens), or with
+    SHARED_BASE its adapter (peft's files) and value_head.safetensors."""
+    if not cfg.SHARED_BASE:
+        return write_model(critic, tokenizer, folder)
+    from safetensors.torch import save_file
+    policy.save_pretrained(folder.parent, selected_adapters=["critic"])     # writes folder/
+    save_file({k: v.detach().cpu().contiguous() for k, v in critic.state_dict().items()},
+              folder / "value_head.safetensors")
 
 
 def write_model(model: nn.Module, tokenizer, folder: Path,
@@ -3101,7 +3420,7 @@ def saved_dtype(config) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------
 # 13. Checkpoints and run files: atomic writes, discovery, rotation, loading without running code
 # ---------------------------------------------------------------------------------------------
-CHECKPOINT_FILES = ("policy/config.json", "training_state.pt", "config.json")
+CHECKPOINT_FILES = ("training_state.pt", "config.json")     # and policy/: a model or an adapter
 CHECKPOINT_HELP = ("Check: 1. the checkpoint path is right; 2. training_state.pt exists in it; "
                    "3. the model architecture matches the checkpoint (ACTOR_MODEL, CRITIC_MODEL).")
 
@@ -3155,10 +3474,12 @@ def write_atomically(final: Path, write) -> None:
 
 
 def write_checkpoint(path: Path, state: TrainState, backend: Backend, cfg: Config,
-                     policy: nn.Module, critic: Optional[nn.Module], tokenizer) -> None:
+                     policy: nn.Module, critic: Optional[nn.Module], tokenizer,
+                     final: bool = False) -> None:
     """step_N/{policy/, critic/, training_state.pt, config.json} (+ optimizer parts under
     DeepSpeed), written by the main process into a temporary folder that is renamed when
-    complete."""
+    complete. Under LoRA policy/ is the adapter, merged in the run's last checkpoint (`final`)
+    when SAVE_POLICY_AS = "merged"."""
     rng = backend.gather_rng()
     parts = backend.save_optimizer_parts(path)
     if not backend.is_main:
@@ -3171,10 +3492,10 @@ def write_checkpoint(path: Path, state: TrainState, backend: Backend, cfg: Confi
     def write(tmp: Path) -> None:
         for part in parts:
             os.replace(part, tmp / part.name.split("__", 1)[1])
-        write_policy(policy, tokenizer, tmp / "policy", tmp / "policy_adapter", cfg)
-        # the critic reads the policy's tokens: it keeps the policy's tokenizer
+        write_policy(policy, tokenizer, tmp / "policy", tmp / "policy_adapter", cfg,
+                     merged=final and cfg.SAVE_POLICY_AS == "merged")
         if critic is not None:
-            write_model(critic, tokenizer, tmp / "critic")
+            write_critic(critic, policy, tokenizer, tmp / "critic", cfg)
         torch.save(training_state, tmp / "training_state.pt")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
     try:
@@ -3278,7 +3599,8 @@ def list_checkpoints(output_dir) -> List[Tuple[int, Path]]:
     root = Path(output_dir) / "checkpoints"
     found = []
     for path in root.glob("step_*") if root.is_dir() else []:
-        if path.name[5:].isdigit() and all((path / f).exists() for f in CHECKPOINT_FILES):
+        if path.name[5:].isdigit() and all((path / f).exists() for f in CHECKPOINT_FILES) and any(
+                (path / "policy" / f).exists() for f in ("config.json", "adapter_config.json")):
             found.append((int(path.name[5:]), path))
     return sorted(found)
 
@@ -3298,9 +3620,11 @@ def rotate_checkpoints(root: Path, limit: int, keep: Optional[int]) -> None:
 def load_checkpoint_state(path: Path, cfg: Config) -> dict:
     """Check a checkpoint folder and compare its settings; returns its training_state.pt (tensors
     only), with the checkpoint's settings under "config"."""
-    needed = CHECKPOINT_FILES + (
-        ("critic/config.json",) if cfg.ADVANTAGE_ESTIMATOR == "gae" else ()) + (
-        ("policy_adapter/adapter_config.json",) if cfg.USE_LORA else ())
+    critic = (() if cfg.ADVANTAGE_ESTIMATOR != "gae" else
+              ("critic/adapter_config.json", "critic/value_head.safetensors") if cfg.SHARED_BASE
+              else ("critic/config.json",))
+    needed = CHECKPOINT_FILES + critic + (("policy_adapter/adapter_config.json",)
+                                          if uses_adapters(cfg) else ("policy/config.json",))
     missing = [f for f in needed if not (path / f).exists()]
     if not path.is_dir() or missing:
         what = ("does not exist" if not path.is_dir()

