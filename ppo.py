@@ -1436,7 +1436,8 @@ class PPOStep:
                 sums = self.minibatch_update(experience, micro_batches, first_pass)
                 first_pass = None
                 if sums is None:
-                    norms.append(torch.full((2,), math.nan, device=self.device))
+                    norms.append(torch.full((len(self.optimizer.param_groups),), math.nan,
+                                            device=self.device))
                     skipped, empty = skipped + 1, empty + 1
                     continue
                 epoch = {k: epoch.get(k, 0) + v for k, v in sums.items()}

@@ -111,7 +111,9 @@ STEP_CASES = dict(BATCH_SIZE=st.integers(1, 2), GRADIENT_ACCUMULATION_STEPS=st.i
                   POLICY_LOSS=st.sampled_from(ppo.CHOICES["POLICY_LOSS"]), CLIP_RANGE_HIGH=st.sampled_from([None, 0.28]),
                   DUAL_CLIP=st.sampled_from([0.0, 3.0]), KL_IN_LOSS=st.booleans(),
                   KL_ESTIMATOR=st.sampled_from(ppo.CHOICES["KL_ESTIMATOR"]), DYNAMIC_SAMPLING=st.booleans(),
-                  OVERLONG_BUFFER=st.sampled_from([0, 2]))
+                  OVERLONG_BUFFER=st.sampled_from([0, 2]), SHARED_BASE=st.booleans(),
+                  LAM_VALUE=st.sampled_from([None, 1.0]), LENGTH_ADAPTIVE_LAM=st.sampled_from([0.0, 0.5]),
+                  VALUE_WARMUP_STEPS=st.sampled_from([0, 1]), POSITIVE_LM_COEF=st.sampled_from([0.0, 0.3]))
 
 
 def valid_variant(drawn):
@@ -128,6 +130,8 @@ def valid_variant(drawn):
         drawn["KL_COEF"] = 0.0
     if drawn["ADVANTAGE_ESTIMATOR"] in ppo.GROUP_ESTIMATORS and drawn["GROUP_SIZE"] < 2:
         drawn["GROUP_SIZE"] = 2
+    if drawn["ADVANTAGE_ESTIMATOR"] != "gae":
+        drawn.update(LAM_VALUE=None, LENGTH_ADAPTIVE_LAM=0.0, VALUE_WARMUP_STEPS=0)
     return drawn
 
 
@@ -154,14 +158,17 @@ def test_each_step_is_right_whatever_the_settings(random_models, tiny, tmp_path_
     - the accumulated gradient of a minibatch equals its gradient in one piece;
     - every step logs the same keys; a skipped step counts exactly the optimizer steps it did not take.
     The draws cover every estimator, aggregation mode and policy loss, clip-higher, dual clip, the KL in
-    the loss with each estimator, dynamic sampling and the overlong penalty."""
+    the loss with each estimator, dynamic sampling, the overlong penalty, a shared base and the critic's
+    options (decoupled and length-adaptive GAE, the value warm-up, the positive-example NLL)."""
     drawn = valid_variant(drawn)
     per_step = drawn["BATCH_SIZE"] * drawn["GRADIENT_ACCUMULATION_STEPS"] * drawn["NUM_MINI_BATCHES"]
     n_prompts = 1 + tail % (2 * per_step)                   # fewer than a step, a ragged tail, or whole steps
     out = tmp_path_factory.mktemp("step")
+    critic = None if drawn["SHARED_BASE"] else random_models["reward"]     # SHARED_BASE: an adapter
     trainer = Recorder(**tiny_settings(tiny, out, ACTOR_MODEL=random_models["policy"],
-                                       REWARD_MODEL=random_models["reward"], CRITIC_MODEL=random_models["reward"],
-                                       MAX_NEW_TOKENS=5, STOP_TOKENS=["1", "2"], LORA_R=2, **drawn))
+                                       REWARD_MODEL=random_models["reward"], CRITIC_MODEL=critic,
+                                       MAX_NEW_TOKENS=5, STOP_TOKENS=["1", "2"], LORA_R=2,
+                                       POSITIVE_LM_THRESHOLD=0.0, **drawn))
     prompts, _, references = ppo.load_data(trainer.cfg)
     trainer.references.update(references)
     prompts = prompts[:n_prompts]

@@ -166,7 +166,8 @@ def test_a_template_without_a_generation_prompt_is_an_error(tiny, tmp_path, caps
 def test_under_bf16_the_reference_takes_the_policys_numeric_path(make_trainer, fresh_accelerator_state):
     """Same weights at step 0: log pi_ref equals log pi_old exactly under bf16 autocast (the reference used to
     be held in bf16 while the policy keeps fp32 weights: KL ~0.01 nats/token before any update), and the
-    update's logits stay in bf16 (accelerate's fp32 output wrapper is removed)."""
+    update's fused LM head computes its logits in bf16 as the model's own head does under autocast
+    (accelerate's fp32 output wrapper is removed)."""
     trainer = make_trainer(MIXED_PRECISION="bf16", KL_ESTIMATOR="k3", MAX_NEW_TOKENS=10, DEVICE="cpu")
     assert trainer.backend.mixed_precision == "bf16"
     experience, _, _, metrics = trainer.make_experience(["What is 3 + 4?", "What is 12 + 5?"])
@@ -174,9 +175,13 @@ def test_under_bf16_the_reference_takes_the_policys_numeric_path(make_trainer, f
     assert torch.equal(experience.old_logprobs[mask], experience.ref_logprobs[mask])
     assert metrics["objective/kl"] == 0
     ids, attention = experience.sequences()
+    t, temperature = experience.response_ids.shape[1], trainer.cfg.TEMPERATURE
     with trainer.backend.autocast():
-        logits, _ = trainer.model(ids, attention, experience.response_ids.shape[1])
+        logprobs, _, _ = trainer.model(ids, attention, experience.response_ids, temperature)
+        logits = ppo.response_logits(trainer.policy, True, ids, attention, t)
     assert logits.dtype == torch.bfloat16
+    expected = ppo.logprobs_and_entropy(logits, experience.response_ids, temperature)[0]
+    torch.testing.assert_close(logprobs[mask], expected[mask], atol=1e-6, rtol=1e-6)
 
 
 def test_offloaded_models_move_once_per_phase(make_trainer, monkeypatch):

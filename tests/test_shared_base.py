@@ -189,7 +189,12 @@ def test_checkpoints_hold_adapters_resume_exactly_and_save_the_final_policy(tiny
     assert (final / "model.safetensors").exists() == (save_as == "merged")
     assert (final / "adapter_config.json").exists() == (save_as == "adapter")
     assert ((tmp_path / "a" / "best" / "adapter_config.json").exists()) == (save_as == "adapter")
+    from transformers import AutoTokenizer
     ids = first.tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    # the guide's snippet on a checkpoint whose policy/ is only the adapter: transformers loads it through peft
+    middle = AutoModelForCausalLM.from_pretrained(step_1 / "policy")
+    assert AutoTokenizer.from_pretrained(step_1 / "policy")(PROMPTS[0], return_tensors="pt")["input_ids"].equal(ids)
+    assert middle(ids).logits.isfinite().all()
     loaded = AutoModelForCausalLM.from_pretrained(final)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, first.policy(input_ids=ids).logits, atol=1e-5, rtol=1e-4)

@@ -162,6 +162,11 @@ def test_dynamic_sampling_trains_on_exactly_the_informative_groups(tiny, random_
     assert step["ppo/trained_fraction"] == 0 and step["ppo/skipped_optimizer_steps"] == 2     # GROUP_EPOCHES 2
     assert step["ppo/empty_minibatches"] == 2
     assert (trainer.state.optimizer_steps, trainer.state.consecutive_skips) == before
+    # one minibatch with nothing to train beside one that trains, in a run with no critic (one optimizer group)
+    trainer.constant = (PROMPTS[0], PROMPTS[2])
+    update = trainer.ppo_update(experience, [[[torch.tensor([0, 1, 4, 5])], [torch.tensor([2, 3, 6, 7])]]])
+    assert update["ppo/empty_minibatches"] == 1 and trainer.state.optimizer_steps == before[0] + 1
+    assert torch.isfinite(torch.as_tensor(update["grad_norm/policy"]))
 
 
 def test_kl_in_the_loss_leaves_the_reward_and_adds_exactly_its_term(tiny, random_policy, tmp_path):
